@@ -1,0 +1,13 @@
+"""Errors the core raises for bad requests; the services map them to gRPC status codes."""
+
+
+class InvalidArgument(ValueError):
+    """The request is malformed (maps to INVALID_ARGUMENT)."""
+
+
+class FailedPrecondition(RuntimeError):
+    """The request does not fit the session's state (maps to FAILED_PRECONDITION)."""
+
+
+class ResourceExhausted(RuntimeError):
+    """A limit is reached, e.g. sessions per service (maps to RESOURCE_EXHAUSTED)."""

@@ -1,0 +1,66 @@
+"""Turning logits into a distribution and drawing from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding parameters after validation. temperature == 0 means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def warp(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p: logits [..., V] -> probs [..., V] (float32).
+
+    Draft and target are warped by the same rule, so rejection sampling compares the
+    distributions the two actually sample from.
+    """
+    if config.greedy:
+        raise ValueError("warp is for sampling; greedy decoding takes the argmax")
+    scores = logits.float() / config.temperature  # [..., V]
+    vocab = scores.shape[-1]
+    if 0 < config.top_k < vocab:
+        kth = torch.topk(scores, config.top_k, dim=-1).values[..., -1:]  # [..., 1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        sorted_probs = sorted_scores.softmax(dim=-1)
+        # Mass strictly before each token; a token is kept while that mass is below top_p,
+        # so the most probable token is always kept.
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = mass_before >= config.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token id drawn from probs [V]."""
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def make_generator(seed: int) -> torch.Generator:
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed)
+    return generator
+
+
+def next_token(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> int:
+    """The next token from the logits [V] of one position."""
+    if config.greedy:
+        return int(torch.argmax(logits).item())
+    assert generator is not None, "sampling needs a generator"
+    return sample(warp(logits, config), generator)

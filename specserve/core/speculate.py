@@ -1,0 +1,165 @@
+"""The speculative decoding loop, written against two small interfaces.
+
+The same loop drives models in this process (the in-process engine) and
+remote sessions over gRPC (the orchestrator); only the adapters differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from specserve.core.acceptance import Verdict
+from specserve.core.adaptive import SpeculationLength
+from specserve.core.sampling import SamplingConfig
+
+
+class Finish(enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+
+
+@dataclass(frozen=True)
+class Proposal:
+    tokens: list[int]
+    # The distributions the tokens were drawn from, in whatever form the target
+    # session takes (a [k, V] tensor in process, protobuf messages over gRPC);
+    # None for greedy decoding or a deterministic proposer.
+    probs: Any = None
+
+
+class TargetSession(Protocol):
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> int:
+        """Prefill the prompt; return the first generated token."""
+
+    async def verify(self, committed_len: int, tokens: list[int], draft_probs: Any) -> Verdict:
+        """Score [pending, d1..dk] and apply the acceptance rule."""
+
+
+class Proposer(Protocol):
+    forward_passes: int
+
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
+        """Prepare for a request (e.g. prefill a draft model)."""
+
+    async def propose(self, sequence: list[int], k: int) -> Proposal:
+        """Propose up to k tokens to follow sequence (prompt + output so far)."""
+
+
+@dataclass
+class DecodeStats:
+    target_forward_passes: int = 0
+    decode_steps: int = 0  # target forward passes after prefill
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+    generated_tokens: int = 0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per decoding forward pass of the target (tau)."""
+        return self.generated_tokens / self.decode_steps if self.decode_steps else 0.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    tokens: list[int]  # new output tokens, EOS excluded
+    finish: Finish | None = None
+
+
+@dataclass
+class DecodeRequest:
+    prompt: list[int]
+    sampling: SamplingConfig
+    seed: int
+    eos_token_ids: frozenset[int]
+    max_context_tokens: int
+    speculation: SpeculationLength | None = None  # None: plain decoding
+    stats: DecodeStats = field(default_factory=DecodeStats)
+
+
+async def decode(target: TargetSession, proposer: Proposer | None, request: DecodeRequest) -> AsyncIterator[Chunk]:
+    """Generate tokens; the last chunk carries the finish reason.
+
+    The caller may stop iterating at any time (a stop string, a cancelled client);
+    closing the sessions is the caller's job.
+    """
+    stats = request.stats
+    prompt = list(request.prompt)
+    budget = min(request.sampling.max_new_tokens, request.max_context_tokens - len(prompt))
+    starts = [target.start(prompt, request.sampling, request.seed)]
+    if proposer is not None:
+        starts.append(proposer.start(prompt, request.sampling, request.seed + 1))
+    first, *_ = await asyncio.gather(*starts)
+    stats.target_forward_passes += 1
+    sequence = prompt + [first]  # the last token is pending: generated, not yet in the target's cache
+    chunk, finish = _cut([first], request.eos_token_ids, budget)
+    stats.generated_tokens += len(chunk)
+    if finish is not None:
+        yield Chunk(chunk, finish)
+        return
+    yield Chunk(chunk)
+    while True:
+        remaining = budget - (len(sequence) - len(prompt))
+        proposal = Proposal([])
+        if proposer is not None and request.speculation is not None:
+            # Never propose past the budget: one verify yields accepted + 1 tokens.
+            k = min(request.speculation.k, remaining - 1)
+            if k > 0:
+                proposal = await proposer.propose(sequence, k)
+        verdict = await target.verify(len(sequence) - 1, [sequence[-1], *proposal.tokens], proposal.probs)
+        stats.target_forward_passes += 1
+        stats.decode_steps += 1
+        stats.proposed_tokens += len(proposal.tokens)
+        stats.accepted_tokens += verdict.accepted
+        if request.speculation is not None:
+            request.speculation.update(len(proposal.tokens), verdict.accepted)
+        sequence.extend(verdict.tokens)
+        chunk, finish = _cut(verdict.tokens, request.eos_token_ids, remaining)
+        stats.generated_tokens += len(chunk)
+        yield Chunk(chunk, finish)
+        if finish is not None:
+            return
+
+
+def _cut(tokens: Sequence[int], eos_token_ids: frozenset[int], remaining: int) -> tuple[list[int], Finish | None]:
+    """Tokens up to (excluding) the first EOS and within the budget, and why they end."""
+    for i, token in enumerate(tokens[:remaining]):
+        if token in eos_token_ids:
+            return list(tokens[:i]), Finish.EOS
+    if len(tokens) >= remaining:
+        return list(tokens[:remaining]), Finish.LENGTH
+    return list(tokens), None
+
+
+class DraftSequenceTracker:
+    """What a draft session holds, so each propose call sends only the difference.
+
+    The draft's sequence is everything it was sent plus its own last proposals.
+    For a new sequence, the longest common prefix with it is what the draft keeps
+    (committed_len); the rest of the new sequence is appended.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[int] = []
+        self.confirmed = 0  # prefix of `held` known to match every later sequence
+
+    def reset(self, prompt: list[int]) -> None:
+        self.held = list(prompt)
+        self.confirmed = len(prompt)
+
+    def diff(self, sequence: list[int]) -> tuple[int, list[int]]:
+        """(committed_len, tokens to append) that turn the held sequence into `sequence`."""
+        common = self.confirmed
+        limit = min(len(self.held), len(sequence))
+        while common < limit and self.held[common] == sequence[common]:
+            common += 1
+        return common, sequence[common:]
+
+    def record(self, sequence: list[int], proposal: list[int]) -> None:
+        # Every token of `sequence` came from the target, so it is final.
+        self.held = list(sequence) + list(proposal)
+        self.confirmed = len(sequence)

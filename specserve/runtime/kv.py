@@ -1,0 +1,37 @@
+"""One sequence's KV cache with rollback: the state a service session holds."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+class KVSession:
+    """A causal LM plus the KV cache of one sequence.
+
+    `length` is the number of tokens in the cache. Rolling back is cropping the
+    cache; nothing is recomputed.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.cache = DynamicCache()
+        self.length = 0
+        # Restricted-vocabulary drafts map output index -> token id; None: identity.
+        self.vocab_ids: torch.Tensor | None = getattr(model, "vocab_ids", None)
+
+    @torch.inference_mode()
+    def extend(self, token_ids: list[int], logits_for: int = 1) -> torch.Tensor:
+        """Append tokens; return float32 logits [logits_for, V_out] of the last positions."""
+        input_ids = torch.tensor([token_ids], dtype=torch.long)  # [1, n]
+        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=logits_for)
+        self.length += len(token_ids)
+        return out.logits[0, -logits_for:].float()  # [logits_for, V_out]
+
+    def rollback(self, length: int) -> None:
+        """Keep the first `length` tokens."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll back to {length}: the cache holds {self.length} tokens")
+        if length < self.length:
+            self.cache.crop(length - self.length)  # transformers 5: a negative count removes tokens
+            self.length = length

