@@ -11,3 +11,11 @@ class FailedPrecondition(RuntimeError):
 
 class ResourceExhausted(RuntimeError):
     """A limit is reached, e.g. sessions per service (maps to RESOURCE_EXHAUSTED)."""
+
+
+class Unavailable(RuntimeError):
+    """A service this one depends on is not reachable (maps to UNAVAILABLE)."""
+
+
+class Unimplemented(RuntimeError):
+    """The request asks for something this server does not do yet (maps to UNIMPLEMENTED)."""

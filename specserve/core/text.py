@@ -35,6 +35,13 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         return full[len(prefix) :]
 
+    def flush(self) -> str:
+        """Whatever is held back, at the end of generation (an incomplete character included)."""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return full[len(prefix) :] if len(full) > len(prefix) else ""
+
 
 class StopStringFilter:
     """Cuts the output before the first stop string and holds back what might start one."""

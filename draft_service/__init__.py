@@ -1,0 +1,1 @@
+"""The draft service: hosts a cheap proposer (a small draft model) and proposes tokens."""

@@ -1,0 +1,48 @@
+"""DraftService: protobuf <-> DraftWorker, one worker per Session stream."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from specserve.core.errors import InvalidArgument
+from specserve.runtime.workers import DraftWorker
+from specserve.serving.grpc_server import status_on_error
+from specserve.serving.model_host import ModelHost, sampling_from_proto
+from specserve.v1 import common_pb2, draft_pb2, draft_pb2_grpc
+
+
+class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
+    def __init__(self, host: ModelHost):
+        self.host = host
+
+    async def GetInfo(self, request, context):
+        return self.host.info()
+
+    async def Session(self, request_iterator, context: grpc.aio.ServicerContext):
+        async with status_on_error(context):
+            with self.host.sessions.hold():
+                worker = DraftWorker(self.host.loaded)
+                async for request in request_iterator:
+                    yield await self._handle(worker, request)
+
+    async def _handle(self, worker: DraftWorker, request: draft_pb2.DraftRequest) -> draft_pb2.DraftResponse:
+        began = time.perf_counter()
+        passes_before = worker.forward_passes
+        op = request.WhichOneof("op")
+        response = draft_pb2.DraftResponse(op_id=request.op_id)
+        if op == "start":
+            start = request.start
+            await self.host.run(worker.start, list(start.prompt_token_ids), sampling_from_proto(start.sampling), start.seed)
+        elif op == "propose":
+            propose = request.propose
+            tokens, rows = await self.host.run(worker.propose, propose.committed_len, list(propose.token_ids), propose.num_tokens)
+            response.token_ids.extend(tokens)
+            for ids, probs in rows or []:
+                response.probs.append(common_pb2.SparseDistribution(token_ids=ids, probs=probs))
+        else:
+            raise InvalidArgument("op: expected start or propose")
+        response.forward_passes = worker.forward_passes - passes_before
+        response.compute_ms = (time.perf_counter() - began) * 1e3
+        return response

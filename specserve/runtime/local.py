@@ -1,0 +1,46 @@
+"""In-process adapters: the core loop driving workers directly, with no gRPC.
+
+Used by the in-process engine (the benchmark's "no network" baseline) and by
+tests of the loop itself.
+"""
+
+from __future__ import annotations
+
+from specserve.core.acceptance import Verdict
+from specserve.core.distributions import to_dense
+from specserve.core.sampling import SamplingConfig
+from specserve.core.speculate import DraftSequenceTracker, Proposal
+from specserve.runtime.models import LoadedModel
+from specserve.runtime.workers import DraftWorker, TargetWorker
+
+
+class LocalTargetSession:
+    def __init__(self, loaded: LoadedModel):
+        self.worker = TargetWorker(loaded)
+
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> int:
+        return self.worker.start(prompt, sampling, seed)
+
+    async def verify(self, committed_len: int, tokens: list[int], draft_probs) -> Verdict:
+        dense = to_dense(draft_probs, self.worker.loaded.vocab_size) if draft_probs else None  # [k, V]
+        return self.worker.verify(committed_len, tokens, dense)
+
+
+class LocalDraftProposer:
+    def __init__(self, loaded: LoadedModel):
+        self.worker = DraftWorker(loaded)
+        self.tracker = DraftSequenceTracker()
+
+    @property
+    def forward_passes(self) -> int:
+        return self.worker.forward_passes
+
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
+        self.worker.start(prompt, sampling, seed)
+        self.tracker.reset(prompt)
+
+    async def propose(self, sequence: list[int], k: int) -> Proposal:
+        committed, append = self.tracker.diff(sequence)
+        tokens, rows = self.worker.propose(committed, append, k)
+        self.tracker.record(sequence, tokens)
+        return Proposal(tokens, rows)

@@ -1,0 +1,122 @@
+"""Server start-up, health checking, reflection and the exception -> status mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from specserve.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
+
+log = logging.getLogger(__name__)
+
+# Draft distributions can be dense over the whole vocabulary: 4 x 49152 entries is ~1.6 MB.
+MESSAGE_LIMIT = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MESSAGE_LIMIT),
+    ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+]
+
+_STATUS = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+class UpstreamError(Exception):
+    """A call to another service failed; carries its status to our caller."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@contextlib.asynccontextmanager
+async def status_on_error(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """Maps the core's errors to gRPC status codes; anything else is INTERNAL, logged."""
+    try:
+        yield
+    except tuple(_STATUS) as error:
+        await context.abort(_STATUS[type(error)], str(error))
+    except UpstreamError as error:
+        await context.abort(error.code, str(error))
+    except grpc.aio.AbortError:
+        raise
+    except (asyncio.CancelledError, GeneratorExit):
+        raise
+    except Exception as error:  # a bug: report it instead of hanging the caller
+        log.exception("internal error")
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error!r}")
+
+
+class SessionLimit:
+    """Counts open sessions; refuses more than `limit` at once."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.active = 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        if self.active >= self.limit:
+            raise ResourceExhausted(f"the service holds its limit of {self.limit} sessions; retry later")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+
+async def run_server(
+    register: Callable[[grpc.aio.Server], list[str]],
+    host: str,
+    port: int,
+    wait_ready: Callable[[], Awaitable[None]] | None = None,
+    with_reflection: bool = False,
+) -> None:
+    """Serves until SIGINT/SIGTERM. `register` adds servicers and returns their full names.
+
+    Health says NOT_SERVING until `wait_ready` (e.g. "the upstream services answer")
+    completes, then SERVING.
+    """
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    names = register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if with_reflection:
+        reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"cannot listen on {host}:{port}")
+    await server.start()
+    log.info("listening on %s:%d (%s)", host, bound, ", ".join(names))
+    async def become_ready() -> None:
+        if wait_ready is not None:
+            await wait_ready()
+        await set_serving(health_servicer, names, True)
+
+    readiness = asyncio.create_task(become_ready())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    readiness.cancel()
+    await set_serving(health_servicer, names, False)
+    await server.stop(grace=2.0)
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, names: list[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *names]:
+        await health_servicer.set(name, status)

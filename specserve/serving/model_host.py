@@ -1,0 +1,77 @@
+"""What target and draft services share: the model, its worker thread, session count."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+from specserve.core.sampling import SamplingConfig
+from specserve.runtime.models import LoadedModel
+from specserve.serving.grpc_server import SessionLimit
+from specserve.v1 import common_pb2, model_service_pb2
+
+T = TypeVar("T")
+
+
+class ModelHost:
+    """A loaded model whose forward passes run in one dedicated thread, off the event loop.
+
+    One thread: sessions take turns on the model (2 cores are saturated by one
+    forward pass), and the event loop stays free to move messages.
+    """
+
+    def __init__(self, loaded: LoadedModel, max_sessions: int, threads: int | None = None):
+        self.loaded = loaded
+        self.sessions = SessionLimit(max_sessions)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        if threads:
+            torch.set_num_threads(threads)
+
+    async def run(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def info(self) -> model_service_pb2.ModelInfo:
+        return model_service_pb2.ModelInfo(
+            model=self.loaded.spec,
+            vocab_size=self.loaded.vocab_size,
+            max_context_tokens=self.loaded.max_context_tokens,
+            eos_token_ids=sorted(self.loaded.eos_token_ids),
+            dtype=self.loaded.dtype_name,
+            active_sessions=self.sessions.active,
+            max_sessions=self.sessions.limit,
+        )
+
+
+def sampling_from_proto(params: common_pb2.SamplingParams) -> SamplingConfig:
+    """The decoding parameters a model session needs (validated by the orchestrator)."""
+    return SamplingConfig(
+        temperature=params.temperature,
+        top_p=params.top_p if params.HasField("top_p") else 1.0,
+        top_k=params.top_k,
+    )
+
+
+def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
+    """Loads the model named by the flags and serves it until SIGINT/SIGTERM.
+
+    role: "target" or "draft"; add_to_server/service: the generated gRPC glue.
+    """
+    import logging
+
+    from specserve.runtime.models import load_model
+    from specserve.serving.grpc_server import run_server
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    if not args.model:
+        raise SystemExit(f"{role}: no model given (--model)")
+    host = ModelHost(load_model(args.model, args.dtype, args.device), args.max_sessions, args.threads)
+
+    def register(server) -> list[str]:
+        add_to_server(make_servicer(host), server)
+        return [service.full_name]
+
+    asyncio.run(run_server(register, args.host, args.port))

@@ -1,0 +1,30 @@
+"""Command-line flags whose defaults come from environment variables (read when parsing)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def env_default(name: str, default):
+    """The environment's value for a flag, else the default; typed like the default."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return type(default)(value) if default is not None else value
+
+
+def add_model_service_arguments(parser: argparse.ArgumentParser, role: str, port: int, model: str | None) -> None:
+    """Flags of a service that hosts a model; role is TARGET or DRAFT (env prefix SPECSERVE_<ROLE>_)."""
+    prefix = f"SPECSERVE_{role}_"
+    parser.add_argument("--model", default=env_default(prefix + "MODEL", model),
+                        help=f"model: 'smollm2', a .gguf file or a model directory [env {prefix}MODEL]")
+    parser.add_argument("--dtype", default=env_default("SPECSERVE_DTYPE", "float32"), choices=["float32", "bfloat16"],
+                        help="weights' dtype [env SPECSERVE_DTYPE]")
+    parser.add_argument("--device", default=env_default("SPECSERVE_DEVICE", "cpu"), help="torch device [env SPECSERVE_DEVICE]")
+    parser.add_argument("--host", default=env_default("SPECSERVE_HOST", "127.0.0.1"), help="address to listen on [env SPECSERVE_HOST]")
+    parser.add_argument("--port", type=int, default=env_default(prefix + "PORT", port), help=f"port [env {prefix}PORT]")
+    parser.add_argument("--max-sessions", type=int, default=env_default(prefix + "MAX_SESSIONS", 64),
+                        help=f"sessions held at once; more get RESOURCE_EXHAUSTED [env {prefix}MAX_SESSIONS]")
+    parser.add_argument("--threads", type=int, default=env_default("SPECSERVE_THREADS", 0),
+                        help="torch CPU threads, 0 = torch's default [env SPECSERVE_THREADS]")

@@ -1,0 +1,1 @@
+"""The target service: hosts the large model and verifies proposals."""

@@ -1,0 +1,54 @@
+"""TargetService: protobuf <-> TargetWorker, one worker per Session stream."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from specserve.core.distributions import to_dense
+from specserve.core.errors import InvalidArgument
+from specserve.runtime.workers import TargetWorker
+from specserve.serving.grpc_server import status_on_error
+from specserve.serving.model_host import ModelHost, sampling_from_proto
+from specserve.v1 import target_pb2, target_pb2_grpc
+
+
+class TargetServicer(target_pb2_grpc.TargetServiceServicer):
+    def __init__(self, host: ModelHost):
+        self.host = host
+
+    async def GetInfo(self, request, context):
+        return self.host.info()
+
+    async def Session(self, request_iterator, context: grpc.aio.ServicerContext):
+        async with status_on_error(context):
+            with self.host.sessions.hold():
+                worker = TargetWorker(self.host.loaded)
+                async for request in request_iterator:
+                    yield await self._handle(worker, request)
+
+    async def _handle(self, worker: TargetWorker, request: target_pb2.TargetRequest) -> target_pb2.TargetResponse:
+        began = time.perf_counter()
+        op = request.WhichOneof("op")
+        if op == "start":
+            start = request.start
+            token = await self.host.run(worker.start, list(start.prompt_token_ids), sampling_from_proto(start.sampling), start.seed)
+            tokens, accepted = [token], 0
+        elif op == "verify":
+            verify = request.verify
+            draft_probs = None
+            if verify.draft_probs and not worker.sampling.greedy:
+                rows = [(d.token_ids, d.probs) for d in verify.draft_probs]
+                draft_probs = to_dense(rows, self.host.loaded.vocab_size)  # [k, V]
+            verdict = await self.host.run(worker.verify, verify.committed_len, list(verify.token_ids), draft_probs)
+            tokens, accepted = verdict.tokens, verdict.accepted
+        else:
+            raise InvalidArgument("op: expected start or verify")
+        return target_pb2.TargetResponse(
+            op_id=request.op_id,
+            token_ids=tokens,
+            accepted=accepted,
+            committed_len=worker.kv.length,
+            compute_ms=(time.perf_counter() - began) * 1e3,
+        )
