@@ -1,0 +1,1 @@
+"""The orchestrator: owns each request, drives target and draft sessions, streams text."""

@@ -1,0 +1,3 @@
+from orchestrator.main import main
+
+main()

@@ -1,0 +1,91 @@
+"""Runs the orchestrator: `python -m orchestrator` or `specserve orchestrator`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from orchestrator import requests
+from orchestrator.ngram_pool import NgramPool
+from orchestrator.servicer import OrchestratorServicer, Upstreams
+from orchestrator.upstream import open_channel, wait_for_info
+from specserve.runtime.models import DEFAULT_MODEL, load_tokenizer
+from specserve.serving.grpc_server import run_server
+from specserve.serving.options import env_default
+from specserve.v1 import draft_pb2_grpc, orchestrator_pb2 as pb, orchestrator_pb2_grpc, target_pb2_grpc
+
+DEFAULT_PORT = 50051
+METHODS = {name.lower(): value for name, value in pb.Method.items() if value}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=env_default("SPECSERVE_HOST", "127.0.0.1"), help="address to listen on [env SPECSERVE_HOST]")
+    parser.add_argument("--port", type=int, default=env_default("SPECSERVE_PORT", DEFAULT_PORT), help="port [env SPECSERVE_PORT]")
+    parser.add_argument("--target", default=env_default("SPECSERVE_TARGET_ADDR", "127.0.0.1:50052"),
+                        help="target service address; dns:///name:port spreads over every replica [env SPECSERVE_TARGET_ADDR]")
+    parser.add_argument("--draft", default=env_default("SPECSERVE_DRAFT_ADDR", "127.0.0.1:50053"),
+                        help="draft service address, '' for none [env SPECSERVE_DRAFT_ADDR]")
+    parser.add_argument("--tokenizer", default=env_default("SPECSERVE_TOKENIZER", DEFAULT_MODEL),
+                        help="the target model's tokenizer (a model specification) [env SPECSERVE_TOKENIZER]")
+    parser.add_argument("--redis-url", default=env_default("SPECSERVE_REDIS_URL", ""),
+                        help="Redis for the shared n-gram pool, '' for none [env SPECSERVE_REDIS_URL]")
+    parser.add_argument("--default-method", default=env_default("SPECSERVE_DEFAULT_METHOD", "prompt_lookup"), choices=sorted(METHODS),
+                        help="method for requests that name none [env SPECSERVE_DEFAULT_METHOD]")
+    parser.add_argument("--max-new-tokens", type=int, default=env_default("SPECSERVE_MAX_NEW_TOKENS", 4096),
+                        help="limit on max_new_tokens [env SPECSERVE_MAX_NEW_TOKENS]")
+    parser.add_argument("--max-speculative-tokens", type=int, default=env_default("SPECSERVE_MAX_SPECULATIVE_TOKENS", 32),
+                        help="limit on num_speculative_tokens [env SPECSERVE_MAX_SPECULATIVE_TOKENS]")
+
+
+def run(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s orchestrator %(levelname)s %(message)s")
+    tokenizer = load_tokenizer(args.tokenizer)
+    limits = requests.Limits(
+        max_new_tokens=args.max_new_tokens,
+        max_speculative_tokens=args.max_speculative_tokens,
+        default_method=METHODS[args.default_method],
+    )
+    asyncio.run(_serve(args, tokenizer, limits))
+
+
+async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -> None:
+    target_channel = open_channel(args.target)
+    draft_channel = open_channel(args.draft) if args.draft else None
+    upstreams = Upstreams(
+        target=target_pb2_grpc.TargetServiceStub(target_channel),
+        draft=draft_pb2_grpc.DraftServiceStub(draft_channel) if draft_channel else None,
+    )
+    redis_client = None
+    if args.redis_url:
+        import redis.asyncio as redis
+
+        redis_client = redis.from_url(args.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    servicer = OrchestratorServicer(upstreams, tokenizer, limits, pool=None)
+
+    async def wait_ready() -> None:
+        # SERVING only once the target answers (and the draft, when configured).
+        upstreams.target_info = await wait_for_info("target", upstreams.target.GetInfo)
+        if upstreams.draft is not None:
+            await wait_for_info("draft", upstreams.draft.GetInfo)
+        if redis_client is not None:
+            servicer.pool = NgramPool(redis_client, namespace=upstreams.target_info.model)
+
+    def register(server) -> list[str]:
+        orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, server)
+        return [pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name]
+
+    try:
+        await run_server(register, args.host, args.port, wait_ready=wait_ready, with_reflection=True)
+    finally:
+        await target_channel.close()
+        if draft_channel is not None:
+            await draft_channel.close()
+        if redis_client is not None:
+            await redis_client.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
+    add_arguments(parser)
+    run(parser.parse_args(argv))

@@ -1,0 +1,106 @@
+"""Validating a GenerateRequest into a job; every error names the field at fault."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from specserve.core.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from specserve.core.sampling import SamplingConfig
+from specserve.v1 import orchestrator_pb2 as pb
+
+METHOD_NAMES = {value: name for name, value in pb.Method.items()}
+SPECULATIVE_METHODS = (pb.DRAFT_MODEL, pb.PROMPT_LOOKUP)
+ROLES = ("system", "user", "assistant")
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The server's limits and defaults for requests."""
+
+    max_new_tokens: int = 4096
+    default_max_new_tokens: int = 256
+    max_speculative_tokens: int = 32
+    default_method: int = pb.PROMPT_LOOKUP
+    # Starting K per method when the request gives none.
+    default_k: dict[int, int] = field(default_factory=lambda: {pb.DRAFT_MODEL: 4, pb.PROMPT_LOOKUP: 8})
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    seed: int | None
+    method: int
+    k: int  # starting speculation length (0 for AUTOREGRESSIVE)
+    fixed_length: bool
+
+
+def tokenize(request: pb.GenerateRequest, tokenizer) -> list[int]:
+    has_prompt, has_messages = bool(request.prompt), bool(request.messages)
+    if has_prompt and has_messages:
+        raise InvalidArgument("prompt, messages: set exactly one of them, not both")
+    if not has_prompt and not has_messages:
+        raise InvalidArgument("prompt: must not be empty (or give messages)")
+    if has_prompt:
+        return list(tokenizer(request.prompt)["input_ids"])
+    for i, message in enumerate(request.messages):
+        if message.role not in ROLES:
+            raise InvalidArgument(f"messages[{i}].role: must be one of {', '.join(ROLES)}, got {message.role!r}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise FailedPrecondition("messages: the model has no chat template; send a raw prompt")
+    conversation = [{"role": m.role, "content": m.content} for m in request.messages]
+    encoded = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def parse(request: pb.GenerateRequest, tokenizer, limits: Limits, max_context_tokens: int, has_draft: bool) -> Job:
+    sampling = _sampling(request.sampling, limits)
+    method, k, fixed = _speculation(request.speculation, limits, has_draft)
+    prompt_ids = tokenize(request, tokenizer)
+    if not prompt_ids:
+        raise InvalidArgument("prompt: tokenizes to no tokens")
+    if len(prompt_ids) >= max_context_tokens:
+        raise InvalidArgument(
+            f"prompt: {len(prompt_ids)} tokens leave no room in the context window of {max_context_tokens} tokens"
+        )
+    seed = request.sampling.seed if request.sampling.HasField("seed") else None
+    return Job(prompt_ids, sampling, seed, method, k, fixed)
+
+
+def _sampling(params, limits: Limits) -> SamplingConfig:
+    max_new = params.max_new_tokens if params.HasField("max_new_tokens") else limits.default_max_new_tokens
+    if not 1 <= max_new <= limits.max_new_tokens:
+        raise InvalidArgument(f"sampling.max_new_tokens: must be in [1, {limits.max_new_tokens}], got {max_new}")
+    if math.isnan(params.temperature) or params.temperature < 0:
+        raise InvalidArgument(f"sampling.temperature: must be >= 0 (0 means greedy), got {params.temperature}")
+    top_p = params.top_p if params.HasField("top_p") else 1.0
+    if math.isnan(top_p) or not 0.0 < top_p <= 1.0:
+        raise InvalidArgument(f"sampling.top_p: must be in (0, 1], got {top_p}")
+    if len(params.stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"sampling.stop: at most {MAX_STOP_STRINGS} stop strings, got {len(params.stop)}")
+    return SamplingConfig(
+        temperature=params.temperature, top_p=top_p, top_k=params.top_k, max_new_tokens=max_new, stop=tuple(params.stop)
+    )
+
+
+def _speculation(params, limits: Limits, has_draft: bool) -> tuple[int, int, bool]:
+    method = params.method or limits.default_method
+    if method not in METHOD_NAMES:
+        raise InvalidArgument(f"speculation.method: unknown method {method}")
+    if method in (pb.MEDUSA, pb.LOOKAHEAD):
+        raise Unimplemented(f"speculation.method: {METHOD_NAMES[method]} is not served yet")
+    if method == pb.DRAFT_MODEL and not has_draft:
+        raise FailedPrecondition("speculation.method: DRAFT_MODEL needs a draft service, and none is configured")
+    if params.HasField("num_speculative_tokens"):
+        k = params.num_speculative_tokens
+        if not 1 <= k <= limits.max_speculative_tokens:
+            raise InvalidArgument(
+                f"speculation.num_speculative_tokens: must be in [1, {limits.max_speculative_tokens}], got {k}"
+            )
+    else:
+        k = limits.default_k.get(method, 0)
+    if method == pb.AUTOREGRESSIVE:
+        k = 0
+    return method, k, params.fixed_length

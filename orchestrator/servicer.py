@@ -1,0 +1,115 @@
+"""Orchestrator.Generate: validate, open sessions, run the core loop, stream text."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from orchestrator import requests
+from orchestrator.ngram_pool import NgramPool
+from orchestrator.upstream import RemoteDraftProposer, RemoteTargetSession
+from specserve.core.adaptive import SpeculationLength
+from specserve.core.errors import Unavailable
+from specserve.core.proposers import PromptLookupProposer
+from specserve.core.speculate import DecodeRequest, Finish, decode
+from specserve.core.text import IncrementalDetokenizer, StopStringFilter
+from specserve.serving.grpc_server import status_on_error
+from specserve.v1 import draft_pb2_grpc, model_service_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc, target_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+FINISH = {Finish.LENGTH: pb.LENGTH, Finish.STOP: pb.STOP, Finish.EOS: pb.EOS}
+
+
+@dataclass
+class Upstreams:
+    target: target_pb2_grpc.TargetServiceStub
+    draft: draft_pb2_grpc.DraftServiceStub | None
+    target_info: model_service_pb2.ModelInfo | None = None  # set once the target answers
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
+    def __init__(self, upstreams: Upstreams, tokenizer, limits: requests.Limits, pool: NgramPool | None):
+        self.upstreams = upstreams
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.pool = pool
+        self._background: set[asyncio.Task] = set()
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        began = time.perf_counter()
+        async with status_on_error(context):
+            info = self.upstreams.target_info
+            if info is None:
+                raise Unavailable("the target service has not answered yet; retry shortly")
+            job = requests.parse(request, self.tokenizer, self.limits, info.max_context_tokens, self.upstreams.draft is not None)
+            target = RemoteTargetSession(self.upstreams.target)
+            proposer = self._proposer(job)
+            speculation = SpeculationLength(job.k, k_max=self.limits.max_speculative_tokens, fixed=job.fixed_length) if job.k else None
+            decoding = DecodeRequest(
+                prompt=job.prompt_ids,
+                sampling=job.sampling,
+                seed=job.seed if job.seed is not None else secrets.randbits(62),
+                eos_token_ids=frozenset(info.eos_token_ids),
+                max_context_tokens=info.max_context_tokens,
+                speculation=speculation,
+            )
+            detokenizer = IncrementalDetokenizer(self.tokenizer, job.prompt_ids)
+            stops = StopStringFilter(job.sampling.stop)
+            generated: list[int] = []
+            first_token_ms = None
+            try:
+                async for chunk in decode(target, proposer, decoding):
+                    if first_token_ms is None:
+                        first_token_ms = (time.perf_counter() - began) * 1e3
+                    generated.extend(chunk.tokens)
+                    text = stops.push(detokenizer.push(chunk.tokens))
+                    finish = Finish.STOP if stops.stopped else chunk.finish
+                    if finish is None:
+                        if chunk.tokens:
+                            yield pb.GenerateResponse(token_ids=chunk.tokens, text=text)
+                        continue
+                    text += stops.push(detokenizer.flush()) + stops.flush()
+                    stats = decoding.stats
+                    yield pb.GenerateResponse(
+                        token_ids=chunk.tokens,
+                        text=text,
+                        finish_reason=FINISH[finish],
+                        stats=pb.GenerationStats(
+                            prompt_tokens=len(job.prompt_ids),
+                            generated_tokens=len(generated),
+                            target_forward_passes=stats.target_forward_passes,
+                            proposed_tokens=stats.proposed_tokens,
+                            accepted_tokens=stats.accepted_tokens,
+                            wall_time_ms=(time.perf_counter() - began) * 1e3,
+                            mean_accepted_length=stats.mean_accepted_length,
+                            time_to_first_token_ms=first_token_ms or 0.0,
+                            method=job.method,
+                            draft_forward_passes=proposer.forward_passes if proposer else 0,
+                        ),
+                    )
+                    break
+            finally:
+                target.close()
+                if isinstance(proposer, RemoteDraftProposer):
+                    proposer.close()
+                if self.pool is not None and generated:
+                    self._in_background(self.pool.add(job.prompt_ids + generated))
+
+    def _proposer(self, job: requests.Job):
+        if job.method == pb.DRAFT_MODEL:
+            return RemoteDraftProposer(self.upstreams.draft)
+        if job.method == pb.PROMPT_LOOKUP:
+            return PromptLookupProposer(fallback=self.pool.lookup if self.pool is not None else None)
+        return None
+
+    def _in_background(self, coroutine) -> None:
+        """Runs work off the request's critical path, keeping a reference until it ends."""
+        task = asyncio.create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -1,0 +1,122 @@
+"""Sessions with the target and draft services over gRPC, as the core loop's interfaces.
+
+A channel per service uses gRPC's round_robin policy over every address its
+name resolves to, so `dns:///target:50052` spreads sessions over all target
+replicas; a session is one stream and stays on the replica that took it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from specserve.core.acceptance import Verdict
+from specserve.core.errors import Unavailable
+from specserve.core.sampling import SamplingConfig
+from specserve.core.speculate import DraftSequenceTracker, Proposal
+from specserve.serving.grpc_server import CHANNEL_OPTIONS, UpstreamError
+from specserve.v1 import common_pb2, draft_pb2, draft_pb2_grpc, model_service_pb2, target_pb2, target_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def open_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")])
+
+
+async def wait_for_info(name: str, get_info, timeout_s: float | None = None) -> model_service_pb2.ModelInfo:
+    """Polls a service's GetInfo until it answers (services load models before listening)."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
+    while True:
+        try:
+            return await get_info(model_service_pb2.GetInfoRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError as error:
+            if deadline is not None and loop.time() > deadline:
+                raise Unavailable(f"{name} service is not reachable: {error.details()}") from error
+            log.info("waiting for the %s service (%s)", name, error.code().name)
+            await asyncio.sleep(0.5)
+
+
+def _sampling_proto(sampling: SamplingConfig) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+
+
+class _Stream:
+    """One bidi Session stream: write an op, read its answer. Failures keep their status."""
+
+    def __init__(self, name: str, call: grpc.aio.StreamStreamCall):
+        self.name = name
+        self.call = call
+        self.next_op = 0
+
+    def op_id(self) -> int:
+        self.next_op += 1
+        return self.next_op
+
+    async def request(self, message):
+        try:
+            await self.call.write(message)
+            response = await self.call.read()
+        except grpc.aio.AioRpcError as error:
+            raise UpstreamError(error.code(), f"{self.name} service: {error.details()}") from error
+        if response is grpc.aio.EOF:
+            code = await self.call.code()
+            raise UpstreamError(code, f"{self.name} service ended the session: {await self.call.details()}")
+        return response
+
+    def close(self) -> None:
+        # Cancelling ends the stream on the service side, which frees the session's cache.
+        self.call.cancel()
+
+
+class RemoteTargetSession:
+    def __init__(self, stub: target_pb2_grpc.TargetServiceStub):
+        self.stub = stub
+        self.stream: _Stream | None = None
+
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> int:
+        self.stream = _Stream("target", self.stub.Session())
+        start = target_pb2.TargetStart(prompt_token_ids=prompt, sampling=_sampling_proto(sampling), seed=seed)
+        response = await self.stream.request(target_pb2.TargetRequest(op_id=self.stream.op_id(), start=start))
+        return response.token_ids[0]
+
+    async def verify(self, committed_len: int, tokens: list[int], draft_probs) -> Verdict:
+        # draft_probs are the draft service's SparseDistribution messages, forwarded as they came.
+        verify = target_pb2.TargetVerify(committed_len=committed_len, token_ids=tokens, draft_probs=draft_probs or [])
+        response = await self.stream.request(target_pb2.TargetRequest(op_id=self.stream.op_id(), verify=verify))
+        return Verdict(response.accepted, list(response.token_ids))
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
+
+class RemoteDraftProposer:
+    def __init__(self, stub: draft_pb2_grpc.DraftServiceStub):
+        self.stub = stub
+        self.stream: _Stream | None = None
+        self.tracker = DraftSequenceTracker()
+        self.forward_passes = 0
+
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
+        self.stream = _Stream("draft", self.stub.Session())
+        start = draft_pb2.DraftStart(prompt_token_ids=prompt, sampling=_sampling_proto(sampling), seed=seed)
+        response = await self.stream.request(draft_pb2.DraftRequest(op_id=self.stream.op_id(), start=start))
+        self.forward_passes += response.forward_passes
+        self.tracker.reset(prompt)
+
+    async def propose(self, sequence: list[int], k: int) -> Proposal:
+        committed, append = self.tracker.diff(sequence)
+        propose = draft_pb2.DraftPropose(committed_len=committed, token_ids=append, num_tokens=k)
+        response = await self.stream.request(draft_pb2.DraftRequest(op_id=self.stream.op_id(), propose=propose))
+        self.forward_passes += response.forward_passes
+        tokens = list(response.token_ids)
+        self.tracker.record(sequence, tokens)
+        return Proposal(tokens, list(response.probs) or None)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()

@@ -1,0 +1,173 @@
+"""The `specserve` command: run services, the whole stack, a generation, the demo."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+DEMO_PROMPT = (
+    "Rewrite this Python function so that it uses a list comprehension, keeping the names:\n\n"
+    "def squares_of_evens(numbers):\n"
+    "    result = []\n"
+    "    for number in numbers:\n"
+    "        if number % 2 == 0:\n"
+    "            result.append(number * number)\n"
+    "    return result\n"
+)
+
+
+def _add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    from specserve.client import METHODS
+
+    parser.add_argument("--method", choices=sorted(METHODS), default=None, help="default: the server's")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("-k", "--num-speculative-tokens", type=int, default=None)
+    parser.add_argument("--raw", action="store_true", help="send the prompt as raw text instead of a user chat message")
+
+
+def _request(args: argparse.Namespace, prompt: str, method: str | None):
+    from specserve.client import build_request
+
+    messages = None if args.raw else [{"role": "user", "content": prompt}]
+    return build_request(
+        prompt=prompt if args.raw else None, messages=messages, method=method, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+        num_speculative_tokens=args.num_speculative_tokens,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from specserve.client import connect, describe, generate
+
+    channel, stub = connect(args.address)
+    with channel:
+        result = generate(stub, _request(args, args.prompt, args.method), on_text=lambda t: print(t, end="", flush=True))
+    print()
+    print(describe(result.stats), file=sys.stderr)
+    return 0
+
+
+def _stack_flags(parser: argparse.ArgumentParser, port: int) -> None:
+    from specserve.runtime.models import DEFAULT_MODEL, default_draft_model
+
+    parser.add_argument("--port", type=int, default=port, help="the orchestrator's port")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--target-model", default=DEFAULT_MODEL)
+    parser.add_argument("--draft-model", default=default_draft_model(), help="'' for no draft service")
+    parser.add_argument("--redis", default="auto", help="'auto' (start redis-server if installed), 'off', or a redis:// URL")
+    parser.add_argument("--default-method", default="prompt_lookup")
+    parser.add_argument("--log-dir", type=Path, default=None, help="write each service's log here")
+
+
+def _stack_config(args: argparse.Namespace):
+    from specserve.launcher import StackConfig
+
+    return StackConfig(target_model=args.target_model, draft_model=args.draft_model or None, dtype=args.dtype,
+                       port=args.port, redis=args.redis, default_method=args.default_method, log_dir=args.log_dir)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from specserve.launcher import Stack
+
+    stopping = {"flag": False}
+
+    def request_stop(signum, frame):
+        stopping["flag"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, request_stop)
+    with Stack(_stack_config(args)) as stack:
+        print(f"specserve is up: orchestrator at {stack.address} (Ctrl-C stops everything)", flush=True)
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from specserve.demo import run_demo
+
+    return run_demo(args, _stack_config(args), _request)
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    from specserve.runtime.models import resolve_model_dir
+
+    print(resolve_model_dir(args.model))
+    return 0
+
+
+def cmd_service(module: str):
+    def run(args: argparse.Namespace) -> int:
+        __import__(module, fromlist=["run"]).run(args)
+        return 0
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specserve", description="Speculative decoding served as gRPC microservices.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, module, help_text in [
+        ("target", "target_service.main", "run the target service"),
+        ("draft", "draft_service.main", "run the draft service"),
+        ("orchestrator", "orchestrator.main", "run the orchestrator"),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        __import__(module, fromlist=["add_arguments"]).add_arguments(p)
+        p.set_defaults(func=cmd_service(module))
+
+    p = sub.add_parser("up", help="start every service on loopback; Ctrl-C stops them")
+    _stack_flags(p, 50051)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("generate", help="stream one generation from a running orchestrator")
+    p.add_argument("prompt")
+    p.add_argument("--address", default="127.0.0.1:50051")
+    _add_generation_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="start the stack, stream one generation with its stats and speedup, stop")
+    _stack_flags(p, 0)
+    _add_generation_flags(p)
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("prepare-model", help="convert a model once to the local safetensors cache; print its directory")
+    p.add_argument("model", nargs="?", default="smollm2")
+    p.set_defaults(func=cmd_prepare_model)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    """Commands whose modules are large: bench and train-draft."""
+    for name, module, help_text in [
+        ("bench", "specserve.bench.cli", "benchmark every method side by side"),
+        ("train-draft", "specserve.drafter.train", "distill a draft model from the target"),
+    ]:
+        try:
+            mod = __import__(module, fromlist=["add_arguments", "run"])
+        except ImportError:
+            continue
+        p = sub.add_parser(name, help=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(func=lambda args, mod=mod: mod.run(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""A small client of the public API, used by the CLI, the demo and the benchmark."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from specserve.serving.grpc_server import CHANNEL_OPTIONS
+from specserve.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
+
+METHODS = {name.lower(): value for name, value in pb.Method.items() if value}
+
+
+def build_request(
+    prompt: str | None = None,
+    messages: list[dict[str, str]] | None = None,
+    method: str | None = None,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    num_speculative_tokens: int | None = None,
+    fixed_length: bool = False,
+) -> pb.GenerateRequest:
+    sampling = common_pb2.SamplingParams(temperature=temperature, top_k=top_k, stop=stop or [])
+    if max_new_tokens is not None:
+        sampling.max_new_tokens = max_new_tokens
+    if top_p is not None:
+        sampling.top_p = top_p
+    if seed is not None:
+        sampling.seed = seed
+    speculation = pb.SpeculationParams(method=METHODS[method] if method else 0, fixed_length=fixed_length)
+    if num_speculative_tokens is not None:
+        speculation.num_speculative_tokens = num_speculative_tokens
+    return pb.GenerateRequest(
+        prompt=prompt or "",
+        messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages or []],
+        sampling=sampling,
+        speculation=speculation,
+    )
+
+
+@dataclass
+class Generation:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: int = 0
+    stats: pb.GenerationStats | None = None
+    messages: int = 0
+
+
+def connect(address: str) -> tuple[grpc.Channel, orchestrator_pb2_grpc.OrchestratorStub]:
+    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return channel, orchestrator_pb2_grpc.OrchestratorStub(channel)
+
+
+def generate(
+    stub: orchestrator_pb2_grpc.OrchestratorStub,
+    request: pb.GenerateRequest,
+    on_text: Callable[[str], None] | None = None,
+    timeout_s: float | None = None,
+) -> Generation:
+    """Runs one request to the end, calling on_text with each piece of text as it arrives."""
+    result = Generation()
+    for response in stub.Generate(request, timeout=timeout_s):
+        result.messages += 1
+        result.token_ids.extend(response.token_ids)
+        result.text += response.text
+        if on_text is not None and response.text:
+            on_text(response.text)
+        if response.finish_reason:
+            result.finish_reason = response.finish_reason
+            result.stats = response.stats
+    return result
+
+
+def describe(stats: pb.GenerationStats) -> str:
+    return (
+        f"{pb.Method.Name(stats.method)}: {stats.generated_tokens} tokens in {stats.wall_time_ms / 1e3:.2f} s "
+        f"({stats.generated_tokens / max(stats.wall_time_ms / 1e3, 1e-9):.1f} tok/s), "
+        f"{stats.target_forward_passes} target forward passes, "
+        f"mean accepted length {stats.mean_accepted_length:.2f}, "
+        f"accepted {stats.accepted_tokens}/{stats.proposed_tokens} proposed"
+    )

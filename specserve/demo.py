@@ -1,0 +1,29 @@
+"""`make demo`: the whole stack on the default model, one streamed generation, its speedup."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from specserve.client import connect, describe, generate
+from specserve.launcher import Stack, StackConfig
+
+
+def run_demo(args: argparse.Namespace, config: StackConfig, make_request) -> int:
+    method = args.method or config.default_method
+    print(f"starting target ({config.target_model}, {config.dtype}), "
+          f"draft ({config.draft_model or 'none'}), orchestrator and n-gram store ...", file=sys.stderr, flush=True)
+    with Stack(config) as stack:
+        channel, stub = connect(stack.address)
+        with channel:
+            generate(stub, make_request(args, "Hello", "autoregressive"))  # warm-up: first passes are slow
+            print(f"\n>>> {args.prompt}\n", flush=True)
+            result = generate(stub, make_request(args, args.prompt, method), on_text=lambda t: print(t, end="", flush=True))
+            print("\n", flush=True)
+            print(describe(result.stats), flush=True)
+            baseline = generate(stub, make_request(args, args.prompt, "autoregressive"))
+            print(describe(baseline.stats), flush=True)
+            speedup = baseline.stats.wall_time_ms / max(result.stats.wall_time_ms, 1e-9)
+            same = "identical to" if baseline.token_ids == result.token_ids else "different from"
+            print(f"speedup of {method} over plain decoding: {speedup:.2f}x; output {same} plain decoding's", flush=True)
+    return 0

@@ -1,0 +1,149 @@
+"""Starts the services as local processes and stops them: `specserve up`, the demo, tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    """Blocks until the server at address reports SERVING on its overall health."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the process serving {address} exited with code {process.returncode}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} did not become SERVING within {timeout_s:.0f} s")
+            time.sleep(0.2)
+
+
+@dataclass
+class StackConfig:
+    target_model: str = "smollm2"
+    draft_model: str | None = None  # None: no draft service
+    dtype: str = "float32"
+    port: int = 50051  # the orchestrator's; 0 picks a free one
+    redis: str = "auto"  # "auto": start redis-server if installed; "off"; or a redis:// URL
+    default_method: str = "prompt_lookup"
+    threads: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
+    log_dir: Path | None = None  # None: services log to this process's stderr
+
+
+class Stack:
+    """Target, draft (optional), orchestrator and Redis (optional) as child processes."""
+
+    def __init__(self, config: StackConfig):
+        self.config = config
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.address = ""
+        self.target_address = ""
+        self.draft_address = ""
+        self.redis_url = ""
+        self._tmp = tempfile.TemporaryDirectory(prefix="specserve-")
+
+    def __enter__(self) -> "Stack":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        env = {**os.environ, **self.config.extra_env}
+        if self.config.threads:
+            env["SPECSERVE_THREADS"] = str(self.config.threads)
+        out = None
+        if self.config.log_dir is not None:
+            self.config.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.config.log_dir / f"{name}.log", "ab")
+        process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        self.processes.append((name, process))
+        return process
+
+    def start(self) -> None:
+        c = self.config
+        py = sys.executable
+        self.redis_url = self._start_redis()
+        target_port = free_port()
+        self.target_address = f"127.0.0.1:{target_port}"
+        target = self._spawn("target", [py, "-m", "target_service", "--model", c.target_model, "--dtype", c.dtype, "--port", str(target_port)])
+        draft = None
+        if c.draft_model:
+            draft_port = free_port()
+            self.draft_address = f"127.0.0.1:{draft_port}"
+            draft = self._spawn("draft", [py, "-m", "draft_service", "--model", c.draft_model, "--dtype", c.dtype, "--port", str(draft_port)])
+        port = c.port or free_port()
+        self.address = f"127.0.0.1:{port}"
+        orchestrator = self._spawn("orchestrator", [
+            py, "-m", "orchestrator", "--port", str(port), "--target", self.target_address,
+            "--draft", self.draft_address, "--tokenizer", c.target_model, "--redis-url", self.redis_url,
+            "--default-method", c.default_method,
+        ])
+        wait_serving(self.target_address, 600, target)
+        if draft is not None:
+            wait_serving(self.draft_address, 600, draft)
+        wait_serving(self.address, 120, orchestrator)
+
+    def _start_redis(self) -> str:
+        mode = self.config.redis
+        if mode == "off":
+            return ""
+        if mode != "auto":
+            return mode
+        server = shutil.which("redis-server")
+        if server is None:
+            return ""
+        port = free_port()
+        process = self._spawn("redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                        "--dir", self._tmp.name, "--loglevel", "warning", "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return f"redis://127.0.0.1:{port}/0"
+            if process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        """Terminates every process, the orchestrator first; kills what does not exit."""
+        for _, process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+        for _, process in reversed(self.processes):
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+        self._tmp.cleanup()
