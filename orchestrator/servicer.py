@@ -59,6 +59,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                 max_context_tokens=info.max_context_tokens,
                 speculation=speculation,
             )
+            if request.include_step_timings:
+                decoding.stats.steps = []
             detokenizer = IncrementalDetokenizer(self.tokenizer, job.prompt_ids)
             stops = StopStringFilter(job.sampling.stop)
             generated: list[int] = []
@@ -91,6 +93,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                             time_to_first_token_ms=first_token_ms or 0.0,
                             method=job.method,
                             draft_forward_passes=proposer.forward_passes if proposer else 0,
+                            step_timings=[
+                                pb.StepTiming(wall_ms=s.wall_ms, compute_ms=s.compute_ms, proposed=s.proposed, accepted=s.accepted)
+                                for s in stats.steps or []
+                            ],
                         ),
                     )
                     break

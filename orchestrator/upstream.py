@@ -76,6 +76,7 @@ class RemoteTargetSession:
     def __init__(self, stub: target_pb2_grpc.TargetServiceStub):
         self.stub = stub
         self.stream: _Stream | None = None
+        self.last_compute_ms = 0.0
 
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> int:
         self.stream = _Stream("target", self.stub.Session())
@@ -87,6 +88,7 @@ class RemoteTargetSession:
         # draft_probs are the draft service's SparseDistribution messages, forwarded as they came.
         verify = target_pb2.TargetVerify(committed_len=committed_len, token_ids=tokens, draft_probs=draft_probs or [])
         response = await self.stream.request(target_pb2.TargetRequest(op_id=self.stream.op_id(), verify=verify))
+        self.last_compute_ms = response.compute_ms
         return Verdict(response.accepted, list(response.token_ids))
 
     def close(self) -> None:
@@ -100,6 +102,7 @@ class RemoteDraftProposer:
         self.stream: _Stream | None = None
         self.tracker = DraftSequenceTracker()
         self.forward_passes = 0
+        self.last_compute_ms = 0.0
 
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
         self.stream = _Stream("draft", self.stub.Session())
@@ -113,6 +116,7 @@ class RemoteDraftProposer:
         propose = draft_pb2.DraftPropose(committed_len=committed, token_ids=append, num_tokens=k)
         response = await self.stream.request(draft_pb2.DraftRequest(op_id=self.stream.op_id(), propose=propose))
         self.forward_passes += response.forward_passes
+        self.last_compute_ms = response.compute_ms
         tokens = list(response.token_ids)
         self.tracker.record(sequence, tokens)
         return Proposal(tokens, list(response.probs) or None)

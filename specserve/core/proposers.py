@@ -24,6 +24,7 @@ class PromptLookupProposer:
         self.min_ngram = min_ngram
         self.fallback = fallback
         self.forward_passes = 0
+        self.last_compute_ms = 0.0
         self.fallback_hits = 0
 
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,6 +34,8 @@ class Proposal:
 
 
 class TargetSession(Protocol):
+    last_compute_ms: float  # model time of the last call
+
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> int:
         """Prefill the prompt; return the first generated token."""
 
@@ -42,12 +45,21 @@ class TargetSession(Protocol):
 
 class Proposer(Protocol):
     forward_passes: int
+    last_compute_ms: float  # model time of the last call
 
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
         """Prepare for a request (e.g. prefill a draft model)."""
 
     async def propose(self, sequence: list[int], k: int) -> Proposal:
         """Propose up to k tokens to follow sequence (prompt + output so far)."""
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    wall_ms: float  # propose + verify as the loop saw it
+    compute_ms: float  # of which the models computed
+    proposed: int
+    accepted: int
 
 
 @dataclass
@@ -57,6 +69,7 @@ class DecodeStats:
     proposed_tokens: int = 0
     accepted_tokens: int = 0
     generated_tokens: int = 0
+    steps: list[StepRecord] | None = None  # filled when not None
 
     @property
     def mean_accepted_length(self) -> float:
@@ -104,13 +117,18 @@ async def decode(target: TargetSession, proposer: Proposer | None, request: Deco
     yield Chunk(chunk)
     while True:
         remaining = budget - (len(sequence) - len(prompt))
-        proposal = Proposal([])
+        step_began = time.perf_counter()
+        proposal, draft_ms = Proposal([]), 0.0
         if proposer is not None and request.speculation is not None:
             # Never propose past the budget: one verify yields accepted + 1 tokens.
             k = min(request.speculation.k, remaining - 1)
             if k > 0:
                 proposal = await proposer.propose(sequence, k)
+                draft_ms = proposer.last_compute_ms
         verdict = await target.verify(len(sequence) - 1, [sequence[-1], *proposal.tokens], proposal.probs)
+        if stats.steps is not None:
+            wall_ms = (time.perf_counter() - step_began) * 1e3
+            stats.steps.append(StepRecord(wall_ms, draft_ms + target.last_compute_ms, len(proposal.tokens), verdict.accepted))
         stats.target_forward_passes += 1
         stats.decode_steps += 1
         stats.proposed_tokens += len(proposal.tokens)

