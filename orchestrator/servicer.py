@@ -111,7 +111,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         if job.method == pb.DRAFT_MODEL:
             return RemoteDraftProposer(self.upstreams.draft)
         if job.method == pb.PROMPT_LOOKUP:
-            return PromptLookupProposer(fallback=self.pool.lookup if self.pool is not None else None)
+            # The pool changes with other traffic, and different proposals consume the
+            # random stream differently: a seeded sampling request skips it so that it
+            # stays reproducible. Greedy output never depends on the proposals.
+            use_pool = self.pool is not None and (job.sampling.greedy or job.seed is None)
+            return PromptLookupProposer(fallback=self.pool.lookup if use_pool else None)
         return None
 
     def _in_background(self, coroutine) -> None:

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny random models with SmolLM2's tokenizer, a real Redis, a real stack."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from specserve.launcher import Stack, StackConfig, free_port
+from specserve.runtime.models import load_model, load_tokenizer
+
+VOCAB = 49152  # SmolLM2's tokenizer, so the orchestrator can tokenize real text
+
+
+def build_tiny_model(directory: Path, seed: int, layers: int, hidden: int = 64) -> Path:
+    """A randomly initialised Llama with SmolLM2's tokenizer, saved in Hugging Face format.
+
+    A large initializer_range spreads the logits, so argmax ties (where fp32 batch
+    shapes could flip a greedy choice) are vanishingly rare.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.3,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory)
+    load_tokenizer("smollm2").save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_target_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-target"), seed=0, layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_draft_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-draft"), seed=1, layers=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_target(tiny_target_dir):
+    return load_model(str(tiny_target_dir), "float32")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> str:
+    """A real redis-server on a free loopback port for the whole session."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
+    port = free_port()
+    directory = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                "--dir", str(directory), "--loglevel", "warning"])
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                pytest.fail("redis-server did not start")
+            time.sleep(0.1)
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_stack(tiny_target_dir, tiny_draft_dir, redis_url, tmp_path_factory):
+    """Target, draft and orchestrator processes on loopback with the tiny models, fp32."""
+    config = StackConfig(
+        target_model=str(tiny_target_dir), draft_model=str(tiny_draft_dir), dtype="float32", port=0,
+        redis=redis_url, default_method="prompt_lookup", threads=1,
+        log_dir=tmp_path_factory.mktemp("tiny-stack-logs"),
+    )
+    with Stack(config) as stack:
+        yield stack
