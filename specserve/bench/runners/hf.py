@@ -1,0 +1,96 @@
+"""Peers: transformers' own `generate` on the same weights and prompt tokens, in this process.
+
+Methods: "autoregressive" (plain greedy generate, the HF baseline), "prompt_lookup"
+(prompt_lookup_num_tokens=10), "draft_model" (assistant_model=the draft). Target
+forward passes are counted with a forward pre-hook, so tau is known; HF does not
+report accepted/proposed counts, so the acceptance rate is left empty.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+from orchestrator.requests import tokenize
+from specserve.bench.prompts import BenchPrompt
+from specserve.bench.records import RunRecord
+from specserve.client import build_request
+from specserve.runtime.models import LoadedModel
+
+PROMPT_LOOKUP_NUM_TOKENS = 10
+
+
+@contextmanager
+def counting_forwards(model: torch.nn.Module):
+    """Yields a one-element list that counts the model's forward calls while inside."""
+    count = [0]
+
+    def hook(module, args, kwargs):
+        count[0] += 1
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
+class HfRunner:
+    mode = "hf"
+
+    def __init__(self, target: LoadedModel, tokenizer, draft: LoadedModel | None = None):
+        self.target = target
+        self.tokenizer = tokenizer
+        self.draft = draft
+
+    def generate_kwargs(self, method: str) -> dict:
+        if method == "autoregressive":
+            return {}
+        if method == "prompt_lookup":
+            return {"prompt_lookup_num_tokens": PROMPT_LOOKUP_NUM_TOKENS}
+        if method == "draft_model":
+            if self.draft is None:
+                raise ValueError("draft_model needs a draft model")
+            return {"assistant_model": self.draft.model}
+        raise ValueError(f"unknown method {method!r}")
+
+    def run(self, prompt: BenchPrompt, method: str, max_new_tokens: int, step_timings: bool = False) -> RunRecord:
+        kwargs = self.generate_kwargs(method)
+        began = time.perf_counter()
+        prompt_ids = tokenize(build_request(messages=prompt.messages()), self.tokenizer)
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long)  # [1, P]
+        with counting_forwards(self.target.model) as forwards, torch.inference_mode():
+            output = self.target.model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),  # [1, P]
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=min(self.target.eos_token_ids),
+                **kwargs,
+            )  # [1, P + generated]
+        generated = output[0, len(prompt_ids):].tolist()
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)  # as a server would
+        wall_s = time.perf_counter() - began
+        del text
+        return RunRecord(
+            mode=self.mode,
+            method=method,
+            prompt_id=prompt.prompt_id,
+            category=prompt.category,
+            token_ids=cut_at_eos(generated, self.target.eos_token_ids),
+            wall_s=wall_s,
+            decode_steps=max(forwards[0] - 1, 0),  # prefill excluded
+        )
+
+
+def cut_at_eos(token_ids: list[int], eos_token_ids: frozenset[int]) -> list[int]:
+    """The tokens before the first EOS (HF includes the EOS and pads after it)."""
+    for i, token in enumerate(token_ids):
+        if token in eos_token_ids:
+            return token_ids[:i]
+    return token_ids

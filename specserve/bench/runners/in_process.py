@@ -1,0 +1,85 @@
+"""One generation in this process: the core decode loop driving the models directly, no gRPC.
+
+It does what the orchestrator does for a request minus the network: the same
+tokenization (orchestrator.requests.tokenize, chat template), the same default K and
+adaptive speculation length, the same proposers, incremental detokenization of the
+output; so distributed / in-process is the cost of going over gRPC between processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from orchestrator.requests import Limits, tokenize
+from specserve.bench.prompts import BenchPrompt
+from specserve.bench.records import RunRecord
+from specserve.client import build_request
+from specserve.core.adaptive import SpeculationLength
+from specserve.core.proposers import PromptLookupProposer
+from specserve.core.sampling import SamplingConfig
+from specserve.core.speculate import DecodeRequest, decode
+from specserve.core.text import IncrementalDetokenizer
+from specserve.runtime.local import LocalDraftProposer, LocalTargetSession
+from specserve.runtime.models import LoadedModel
+from specserve.v1 import orchestrator_pb2 as pb
+
+METHOD_ENUM = {"autoregressive": pb.AUTOREGRESSIVE, "prompt_lookup": pb.PROMPT_LOOKUP, "draft_model": pb.DRAFT_MODEL}
+
+
+class InProcessRunner:
+    mode = "in_process"
+
+    def __init__(self, target: LoadedModel, draft: LoadedModel | None, tokenizer, limits: Limits | None = None):
+        self.target = target
+        self.draft = draft
+        self.tokenizer = tokenizer
+        self.limits = limits or Limits()
+
+    def run(self, prompt: BenchPrompt, method: str, max_new_tokens: int, step_timings: bool = False) -> RunRecord:
+        began = time.perf_counter()
+        prompt_ids = tokenize(build_request(messages=prompt.messages()), self.tokenizer)
+        token_ids, stats = asyncio.run(self.decode_ids(prompt_ids, method, max_new_tokens, step_timings))
+        wall_s = time.perf_counter() - began
+        return RunRecord(
+            mode=self.mode,
+            method=method,
+            prompt_id=prompt.prompt_id,
+            category=prompt.category,
+            token_ids=token_ids,
+            wall_s=wall_s,
+            decode_steps=stats.decode_steps,
+            proposed=stats.proposed_tokens,
+            accepted=stats.accepted_tokens,
+            step_timings=[(s.wall_ms, s.compute_ms) for s in stats.steps or []],
+        )
+
+    async def decode_ids(self, prompt_ids: list[int], method: str, max_new_tokens: int, step_timings: bool):
+        """(generated token ids, DecodeStats) for one greedy request, as the orchestrator would run it."""
+        k = self.limits.default_k.get(METHOD_ENUM[method], 0)
+        proposer = None
+        if method == "prompt_lookup":
+            proposer = PromptLookupProposer()  # no shared pool: the stack runs without Redis too
+        elif method == "draft_model":
+            if self.draft is None:
+                raise ValueError("draft_model needs a draft model")
+            proposer = LocalDraftProposer(self.draft)
+        request = DecodeRequest(
+            prompt=prompt_ids,
+            sampling=SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens),
+            seed=0,
+            eos_token_ids=self.target.eos_token_ids,
+            max_context_tokens=self.target.max_context_tokens,
+            speculation=SpeculationLength(k, k_max=self.limits.max_speculative_tokens) if k else None,
+        )
+        if step_timings:
+            request.stats.steps = []
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer is not None else None
+        generated: list[int] = []
+        async for chunk in decode(LocalTargetSession(self.target), proposer, request):
+            generated.extend(chunk.tokens)
+            if detokenizer is not None:
+                detokenizer.push(chunk.tokens)
+        if detokenizer is not None:
+            detokenizer.flush()
+        return generated, request.stats
