@@ -19,14 +19,18 @@ class KVSession:
         self.length = 0
         # Restricted-vocabulary drafts map output index -> token id; None: identity.
         self.vocab_ids: torch.Tensor | None = getattr(model, "vocab_ids", None)
+        if self.vocab_ids is not None:
+            self.vocab_ids = self.vocab_ids.cpu()
+        self.device = next(model.parameters()).device
 
     @torch.inference_mode()
     def extend(self, token_ids: list[int], logits_for: int = 1) -> torch.Tensor:
-        """Append tokens; return float32 logits [logits_for, V_out] of the last positions."""
-        input_ids = torch.tensor([token_ids], dtype=torch.long)  # [1, n]
+        """Append tokens; return float32 logits [logits_for, V_out] of the last positions, on the CPU
+        (acceptance and sampling run there, with CPU random generators)."""
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, n]
         out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=logits_for)
         self.length += len(token_ids)
-        return out.logits[0, -logits_for:].float()  # [logits_for, V_out]
+        return out.logits[0, -logits_for:].float().cpu()  # [logits_for, V_out]
 
     def rollback(self, length: int) -> None:
         """Keep the first `length` tokens."""

