@@ -76,13 +76,10 @@ def _stack_config(args: argparse.Namespace):
 def cmd_up(args: argparse.Namespace) -> int:
     from specserve.launcher import Stack
 
-    stopping = {"flag": False}
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM stops everything the way Ctrl-C does
 
-    def request_stop(signum, frame):
-        stopping["flag"] = True
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGTERM, interrupt)
     with Stack(_stack_config(args)) as stack:
         print(f"specserve is up: orchestrator at {stack.address} (Ctrl-C stops everything)", flush=True)
         try:
