@@ -83,12 +83,33 @@ def test_speculation_length_adapts():
     assert length.k == 6
     length.update(6, 6)
     assert length.k == 7
-    for _ in range(10):
-        length.update(length.k, 0)
-    assert length.k == 1
+    for k in (6, 5, 4, 3, 2, 1):
+        length.update(length.k, 1)
+        assert length.k == k
     fixed = SpeculationLength(4, fixed=True)
     fixed.update(4, 0)
     assert fixed.k == 4
+
+
+def test_speculation_pauses_longer_while_one_token_keeps_failing():
+    length = SpeculationLength(1, k_min=1, max_pause=4)
+    pauses = []
+    for _ in range(4):
+        length.update(1, 0)  # a single proposal rejected outright
+        steps = 0
+        while length.k == 0:
+            length.update(0, 0)  # a plain-decoding step
+            steps += 1
+        pauses.append(steps)
+    assert pauses == [1, 2, 4, 4]
+    length.update(1, 1)  # accepted: speculation grows again and pauses reset
+    assert length.k == 3
+    length.update(3, 0)
+    length.update(2, 0)
+    length.update(1, 0)
+    assert length.k == 0
+    length.update(0, 0)
+    assert length.k == 1
 
 
 def test_draft_tracker_sends_only_the_difference():
