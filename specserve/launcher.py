@@ -45,6 +45,7 @@ def wait_serving(address: str, timeout_s: float, process: subprocess.Popen | Non
 class StackConfig:
     target_model: str = "smollm2"
     draft_model: str | None = None  # None: no draft service
+    tokenizer: str | None = None  # None: the target model's
     dtype: str = "float32"
     port: int = 50051  # the orchestrator's; 0 picks a free one
     redis: str = "auto"  # "auto": start redis-server if installed; "off"; or a redis:// URL
@@ -105,7 +106,7 @@ class Stack:
         self.address = f"127.0.0.1:{port}"
         orchestrator = self._spawn("orchestrator", [
             py, "-m", "orchestrator", "--port", str(port), "--target", self.target_address,
-            "--draft", self.draft_address, "--tokenizer", c.target_model, "--redis-url", self.redis_url,
+            "--draft", self.draft_address, "--tokenizer", c.tokenizer or c.target_model, "--redis-url", self.redis_url,
             "--default-method", c.default_method,
         ])
         wait_serving(self.target_address, 600, target)
