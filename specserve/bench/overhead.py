@@ -11,7 +11,6 @@ Overhead of a step = its wall time - the time the models computed in it.
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from specserve.bench.prompts import BenchPrompt
 from specserve.bench.records import RunRecord
 from specserve.bench.runners.distributed import DistributedRunner
 from specserve.bench.runners.in_process import InProcessRunner
-from specserve.launcher import Stack, StackConfig, free_port, wait_serving
+from specserve.launcher import Stack, StackConfig
 from specserve.runtime.models import load_model, load_tokenizer
 
 SIM_TOKENIZER = "smollm2"  # the simulated vocabulary is SmolLM2's
@@ -40,33 +39,6 @@ def sim_specs(step_ms: float, config: SimulationConfig) -> tuple[str, str]:
     """(target spec, draft spec) for load_model / the services' --model."""
     return (f"sim:role=target,step_ms={step_ms:g}",
             f"sim:role=draft,step_ms={step_ms * config.draft_ratio:g},accept={config.accept:g}")
-
-
-class SimulatedStack(Stack):
-    """A Stack whose orchestrator tokenizes with a real tokenizer while the services host
-    simulated models. (StackConfig passes target_model as the tokenizer, which a "sim:"
-    spec is not; a StackConfig.tokenizer field would make this subclass unnecessary.)"""
-
-    def __init__(self, config: StackConfig, tokenizer: str):
-        super().__init__(config)
-        self.tokenizer = tokenizer
-
-    def start(self) -> None:
-        c = self.config
-        py = sys.executable
-        target_port, draft_port, port = free_port(), free_port(), c.port or free_port()
-        self.target_address = f"127.0.0.1:{target_port}"
-        self.draft_address = f"127.0.0.1:{draft_port}"
-        self.address = f"127.0.0.1:{port}"
-        target = self._spawn("target", [py, "-m", "target_service", "--model", c.target_model, "--dtype", c.dtype, "--port", str(target_port)])
-        draft = self._spawn("draft", [py, "-m", "draft_service", "--model", c.draft_model, "--dtype", c.dtype, "--port", str(draft_port)])
-        orchestrator = self._spawn("orchestrator", [
-            py, "-m", "orchestrator", "--port", str(port), "--target", self.target_address, "--draft", self.draft_address,
-            "--tokenizer", self.tokenizer, "--redis-url", "", "--default-method", "draft_model",
-        ])
-        wait_serving(self.target_address, 120, target)
-        wait_serving(self.draft_address, 120, draft)
-        wait_serving(self.address, 120, orchestrator)
 
 
 @contextlib.contextmanager
@@ -105,9 +77,10 @@ def measure_overhead(step_times_ms: list[float], prompts: list[BenchPrompt], con
     chosen = [prompts[i % len(prompts)] for i in range(config.requests)]
     for step_ms in step_times_ms:
         target_spec, draft_spec = sim_specs(step_ms, config)
-        stack_config = StackConfig(target_model=target_spec, draft_model=draft_spec, dtype="float32", port=0, redis="off",
-                                   threads=1, log_dir=log_dir)
-        with SimulatedStack(stack_config, SIM_TOKENIZER) as stack, torch_threads(1):
+        # The services host simulated models; the orchestrator tokenizes with SmolLM2's tokenizer.
+        stack_config = StackConfig(target_model=target_spec, draft_model=draft_spec, tokenizer=SIM_TOKENIZER, dtype="float32",
+                                   port=0, redis="off", default_method="draft_model", threads=1, log_dir=log_dir)
+        with Stack(stack_config) as stack, torch_threads(1):
             distributed = DistributedRunner(stack.address)
             in_process = InProcessRunner(load_model(target_spec), load_model(draft_spec), tokenizer)
             by_mode: dict[str, list[RunRecord]] = {"distributed": [], "in_process": []}
