@@ -70,7 +70,8 @@ def generate_batch(model, prompts_ids: list[list[int]], pad_id: int, eos_ids: se
 
 def generate_data(out_dir: str | Path, n_prompts: int, batch_size: int = 24, max_new: int = 192, topk: int = 16,
                   seed: int = 0, target: str = "smollm2", dtype: str = "float32", time_budget_s: float | None = None,
-                  max_batches: int | None = None, threads: int = 1, worker: int = 0, workers: int = 1) -> Path:
+                  max_batches: int | None = None, threads: int = 1, worker: int = 0, workers: int = 1,
+                  shards: list[int] | None = None) -> Path:
     """Writes shards out_dir/shard_XXXXX.pt (lists of records); skips shards that exist."""
     from specserve.runtime.models import load_model, load_tokenizer
 
@@ -90,6 +91,8 @@ def generate_data(out_dir: str | Path, n_prompts: int, batch_size: int = 24, max
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(loaded.eos_token_ids)
     began = time.time()
     tokens = 0
+    if shards is not None:  # exactly these batches (e.g. those a shipped draft was trained on)
+        perm = [i for i in shards if i < len(batches)]
     perm = perm[worker::workers]  # several single-thread processes split the batches
     bar = tqdm(perm, desc="generate", unit="batch")
     for shard in bar:

@@ -105,7 +105,7 @@ def loss_fn(model: DraftLM, batch, hard_weight: float):
 
 def train_draft(out_dir: str | Path, steps: int = 600, seed: int = 0, data_dir: str | Path = "/work/runs/draft-data",
                 work_dir: str | Path | None = None, target: str = "smollm2", layers: list[int] | None = None,
-                vocab_size: int = 8192, prompts: int = 2048, gen_batches: int | None = None, max_new: int = 192,
+                vocab_size: int = 8192, prompts: int = 2048, gen_batches: int | None = None, gen_shards: list[int] | None = None, max_new: int = 192,
                 tokens_per_batch: int = 2048, lr: float = 1e-3, hard_weight: float = 0.5, save_every: int = 50,
                 threads: int = 2) -> Path:
     """Generates data if needed, trains, writes the drafter directory to out_dir."""
@@ -119,7 +119,7 @@ def train_draft(out_dir: str | Path, steps: int = 600, seed: int = 0, data_dir: 
     work_dir = Path(work_dir or Path(data_dir).parent / "draft-train")
     work_dir.mkdir(parents=True, exist_ok=True)
     if not any(Path(data_dir).glob("shard_*.pt")):
-        generate_data(data_dir, prompts, max_new=max_new, seed=seed, target=target, max_batches=gen_batches)
+        generate_data(data_dir, prompts, max_new=max_new, seed=seed, target=target, max_batches=gen_batches, shards=gen_shards)
     records = load_records(data_dir)
     rng.shuffle(records)
     ckpt = work_dir / "checkpoint.pt"
@@ -214,6 +214,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=8192, help="tokens covered by the draft's head")
     parser.add_argument("--prompts", type=int, default=2048, help="synthetic prompts to generate responses for")
     parser.add_argument("--gen-batches", type=int, default=None, help="generate only this many batches of 24 prompts")
+    parser.add_argument("--gen-shards", default=None, help="generate exactly these batch indices, comma-separated")
     parser.add_argument("--max-new", type=int, default=192)
     parser.add_argument("--tokens-per-batch", type=int, default=2048)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -225,7 +226,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     train_draft(args.out, steps=args.steps, seed=args.seed, data_dir=args.data_dir, work_dir=args.work_dir, target=args.target,
                 layers=[int(x) for x in args.layers.split(",")], vocab_size=args.vocab_size, prompts=args.prompts,
-                gen_batches=args.gen_batches, max_new=args.max_new, tokens_per_batch=args.tokens_per_batch, lr=args.lr,
+                gen_batches=args.gen_batches,
+                gen_shards=[int(x) for x in args.gen_shards.split(",")] if args.gen_shards else None, max_new=args.max_new, tokens_per_batch=args.tokens_per_batch, lr=args.lr,
                 hard_weight=args.hard_weight, save_every=args.save_every, threads=args.threads)
     return 0
 
