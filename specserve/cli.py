@@ -147,15 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
-    """Commands whose modules are large: bench and train-draft."""
+    """Commands that live in their own packages: bench and train-draft."""
     for name, module, help_text in [
         ("bench", "specserve.bench.cli", "benchmark every method side by side"),
         ("train-draft", "specserve.drafter.train", "distill a draft model from the target"),
     ]:
-        try:
-            mod = __import__(module, fromlist=["add_arguments", "run"])
-        except ImportError:
-            continue
+        mod = __import__(module, fromlist=["add_arguments", "run"])
         p = sub.add_parser(name, help=help_text)
         mod.add_arguments(p)
         p.set_defaults(func=lambda args, mod=mod: mod.run(args) or 0)

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from specserve.runtime.models import DEFAULT_MODEL
 
     parser.add_argument("--prompts", type=Path, action="append", default=None,
-                        help="a JSONL prompt file (repeatable); default: Spec-Bench and HumanEval from /work/shared/bench")
+                        help="a JSONL prompt file (repeatable); default: Spec-Bench and HumanEval from ../shared/bench beside the repository")
     parser.add_argument("--limit", type=int, default=None,
                         help="N prompts in total, spread round-robin over the categories (N = #categories: one each)")
     parser.add_argument("--max-new-tokens", type=int, default=128)

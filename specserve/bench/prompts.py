@@ -14,7 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_PROMPT_DIR = Path("/work/shared/bench")
+# The shared prompt sets sit beside the repository: <repo>/../shared/bench.
+DEFAULT_PROMPT_DIR = Path(__file__).resolve().parents[3] / "shared" / "bench"
 
 
 @dataclass(frozen=True)

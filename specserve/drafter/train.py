@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from specserve.drafter.data import generate_data, load_records
 from specserve.drafter.model import DraftLM, build_from_target, save_drafter
+from specserve.runtime.models import cache_root
 
 
 def choose_vocab(records: list[dict], size: int, must: set[int]) -> torch.Tensor:
@@ -103,7 +104,7 @@ def loss_fn(model: DraftLM, batch, hard_weight: float):
     return loss, agree
 
 
-def train_draft(out_dir: str | Path, steps: int = 600, seed: int = 0, data_dir: str | Path = "/work/runs/draft-data",
+def train_draft(out_dir: str | Path, steps: int = 600, seed: int = 0, data_dir: str | Path | None = None,
                 work_dir: str | Path | None = None, target: str = "smollm2", layers: list[int] | None = None,
                 vocab_size: int = 8192, prompts: int = 2048, gen_batches: int | None = None, gen_shards: list[int] | None = None, max_new: int = 192,
                 tokens_per_batch: int = 2048, lr: float = 1e-3, hard_weight: float = 0.5, save_every: int = 50,
@@ -116,7 +117,8 @@ def train_draft(out_dir: str | Path, steps: int = 600, seed: int = 0, data_dir: 
     torch.set_num_threads(threads)
     rng = random.Random(seed)
     layers = layers or [0, 1]
-    work_dir = Path(work_dir or Path(data_dir).parent / "draft-train")
+    data_dir = Path(data_dir) if data_dir else cache_root() / "draft-data"
+    work_dir = Path(work_dir or data_dir.parent / "draft-train")
     work_dir.mkdir(parents=True, exist_ok=True)
     if not any(Path(data_dir).glob("shard_*.pt")):
         generate_data(data_dir, prompts, max_new=max_new, seed=seed, target=target, max_batches=gen_batches, shards=gen_shards)
@@ -207,7 +209,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="specserve/drafts/smollm2-135m-draft", help="drafter directory to write")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default="/work/runs/draft-data", help="self-distillation shards (generated if empty)")
+    parser.add_argument("--data-dir", default=None,
+                        help="self-distillation shards, generated if empty (default: draft-data in the specserve cache)")
     parser.add_argument("--work-dir", default=None, help="checkpoints (default: next to data-dir)")
     parser.add_argument("--target", default="smollm2")
     parser.add_argument("--layers", default="0,1", help="target layers copied into the draft, comma-separated")
