@@ -7,7 +7,7 @@ import torch
 
 from specserve.client import build_request, connect, generate
 from specserve.launcher import Stack, StackConfig
-from specserve.runtime.models import load_model, load_tokenizer
+from specserve.runtime.models import default_draft_model, load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,8 @@ QUESTION = "What are three tips for staying productive when working from home?"
 
 @pytest.fixture(scope="module")
 def smollm2_stack(redis_url, tmp_path_factory):
-    config = StackConfig(target_model="smollm2", draft_model=None, dtype="float32", port=0, redis=redis_url,
+    # The draft service serves the draft shipped in the repository.
+    config = StackConfig(target_model="smollm2", draft_model=default_draft_model(), dtype="float32", port=0, redis=redis_url,
                          log_dir=tmp_path_factory.mktemp("smollm2-logs"))
     with Stack(config) as stack:
         channel, stub = connect(stack.address)
@@ -54,10 +55,13 @@ def chat(stub, content, method, max_new_tokens):
 
 
 @pytest.mark.parametrize("content, max_new_tokens", [(QUESTION, 48), (REWRITE, 80)])
-def test_autoregressive_and_prompt_lookup_equal_transformers_greedy(smollm2_stack, reference, content, max_new_tokens):
+def test_every_method_equals_transformers_greedy(smollm2_stack, reference, content, max_new_tokens):
     expected = reference(content, max_new_tokens)
     plain = chat(smollm2_stack, content, "autoregressive", max_new_tokens)
     assert plain.token_ids == expected
+    drafted = chat(smollm2_stack, content, "draft_model", max_new_tokens)
+    assert drafted.token_ids == expected
+    assert drafted.stats.accepted_tokens > 0  # the shipped draft agrees with the target at times
     lookup = chat(smollm2_stack, content, "prompt_lookup", max_new_tokens)
     assert lookup.token_ids == expected
     if content is REWRITE:

@@ -16,10 +16,13 @@ class PromptLookupProposer:
     """Proposes what followed the latest earlier occurrence of the last n-gram (deterministic).
 
     A match of the longest n-gram in the request wins; failing that, the fallback
-    (a shared n-gram pool) is asked before shorter, weaker local matches.
+    (a shared n-gram pool) is asked before shorter, weaker local matches. Single-token
+    matches are not used by default: on CPU their proposals are rejected often enough
+    that verifying them costs more than they save (measured: min_ngram 1 ran a chat
+    prompt at 0.5x plain decoding, min_ngram 2 at 1.04x, with the same wins elsewhere).
     """
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, fallback: Fallback | None = None):
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2, fallback: Fallback | None = None):
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.fallback = fallback
