@@ -63,6 +63,8 @@ def _stack_flags(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--draft-model", default=default_draft_model(), help="'' for no draft service")
     parser.add_argument("--redis", default="auto", help="'auto' (start redis-server if installed), 'off', or a redis:// URL")
     parser.add_argument("--default-method", default="prompt_lookup")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per service, 0 = torch's default (use 1 when the cores are shared with other work)")
     parser.add_argument("--log-dir", type=Path, default=None, help="write each service's log here")
 
 
@@ -70,7 +72,8 @@ def _stack_config(args: argparse.Namespace):
     from specserve.launcher import StackConfig
 
     return StackConfig(target_model=args.target_model, draft_model=args.draft_model or None, dtype=args.dtype,
-                       port=args.port, redis=args.redis, default_method=args.default_method, log_dir=args.log_dir)
+                       port=args.port, redis=args.redis, default_method=args.default_method, threads=args.threads,
+                       log_dir=args.log_dir)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

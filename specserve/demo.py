@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from specserve.client import connect, describe, generate
 from specserve.launcher import Stack, StackConfig
+from specserve.runtime.models import cache_root
 
 
 def run_demo(args: argparse.Namespace, config: StackConfig, make_request) -> int:
     method = args.method or config.default_method
+    # Service logs go to files, so the terminal shows the generation only.
+    config = dataclasses.replace(config, log_dir=config.log_dir or cache_root() / "demo-logs")
     print(f"starting target ({config.target_model}, {config.dtype}), "
-          f"draft ({config.draft_model or 'none'}), orchestrator and n-gram store ...", file=sys.stderr, flush=True)
+          f"draft ({config.draft_model or 'none'}), orchestrator and n-gram store (logs in {config.log_dir}) ...",
+          file=sys.stderr, flush=True)
     with Stack(config) as stack:
         channel, stub = connect(stack.address)
         with channel:
