@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import time
 
-import grpc
-
 from specserve.core.errors import InvalidArgument
 from specserve.runtime.workers import DraftWorker
-from specserve.serving.grpc_server import status_on_error
-from specserve.serving.model_host import ModelHost, sampling_from_proto
+from specserve.serving.model_host import SessionServicer, sampling_from_proto
 from specserve.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 
-class DraftServicer(draft_pb2_grpc.DraftServiceServicer):
-    def __init__(self, host: ModelHost):
-        self.host = host
-
-    async def GetInfo(self, request, context):
-        return self.host.info()
-
-    async def Session(self, request_iterator, context: grpc.aio.ServicerContext):
-        async with status_on_error(context):
-            with self.host.sessions.hold():
-                worker = DraftWorker(self.host.loaded)
-                async for request in request_iterator:
-                    yield await self._handle(worker, request)
+class DraftServicer(SessionServicer, draft_pb2_grpc.DraftServiceServicer):
+    worker_class = DraftWorker
 
     async def _handle(self, worker: DraftWorker, request: draft_pb2.DraftRequest) -> draft_pb2.DraftResponse:
         began = time.perf_counter()

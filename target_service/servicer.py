@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import time
 
-import grpc
-
 from specserve.core.distributions import to_dense
 from specserve.core.errors import InvalidArgument
 from specserve.runtime.workers import TargetWorker
-from specserve.serving.grpc_server import status_on_error
-from specserve.serving.model_host import ModelHost, sampling_from_proto
+from specserve.serving.model_host import SessionServicer, sampling_from_proto
 from specserve.v1 import target_pb2, target_pb2_grpc
 
 
-class TargetServicer(target_pb2_grpc.TargetServiceServicer):
-    def __init__(self, host: ModelHost):
-        self.host = host
-
-    async def GetInfo(self, request, context):
-        return self.host.info()
-
-    async def Session(self, request_iterator, context: grpc.aio.ServicerContext):
-        async with status_on_error(context):
-            with self.host.sessions.hold():
-                worker = TargetWorker(self.host.loaded)
-                async for request in request_iterator:
-                    yield await self._handle(worker, request)
+class TargetServicer(SessionServicer, target_pb2_grpc.TargetServiceServicer):
+    worker_class = TargetWorker
 
     async def _handle(self, worker: TargetWorker, request: target_pb2.TargetRequest) -> target_pb2.TargetResponse:
         began = time.perf_counter()

@@ -11,7 +11,7 @@ import torch
 
 from specserve.core.sampling import SamplingConfig
 from specserve.runtime.models import LoadedModel
-from specserve.serving.grpc_server import SessionLimit
+from specserve.serving.grpc_server import SessionLimit, status_on_error
 from specserve.v1 import common_pb2, model_service_pb2
 
 T = TypeVar("T")
@@ -75,3 +75,29 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
         return [service.full_name]
 
     asyncio.run(run_server(register, args.host, args.port))
+
+
+class SessionServicer:
+    """GetInfo and the Session stream loop, shared by the target and draft servicers.
+
+    Subclasses name their worker class and convert one request to one response in
+    `_handle`; listed before the generated servicer base, this overrides its methods.
+    """
+
+    worker_class: type
+
+    def __init__(self, host: ModelHost):
+        self.host = host
+
+    async def GetInfo(self, request, context):
+        return self.host.info()
+
+    async def Session(self, request_iterator, context):
+        async with status_on_error(context):
+            with self.host.sessions.hold():
+                worker = self.worker_class(self.host.loaded)
+                async for request in request_iterator:
+                    yield await self._handle(worker, request)
+
+    async def _handle(self, worker, request):
+        raise NotImplementedError
