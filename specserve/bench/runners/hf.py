@@ -1,7 +1,8 @@
 """Peers: transformers' own `generate` on the same weights and prompt tokens, in this process.
 
 Methods: "autoregressive" (plain greedy generate, the HF baseline), "prompt_lookup"
-(prompt_lookup_num_tokens=10), "draft_model" (assistant_model=the draft). Target
+(prompt_lookup_num_tokens=10), "draft_model" (assistant_model=the draft, its restricted
+head widened to the full vocabulary). Target
 forward passes are counted with a forward pre-hook, so tau is known; HF does not
 report accepted/proposed counts, so the acceptance rate is left empty.
 """
@@ -20,6 +21,40 @@ from specserve.client import build_request
 from specserve.runtime.models import LoadedModel
 
 PROMPT_LOOKUP_NUM_TOKENS = 10
+
+
+class FullVocabularyHead(torch.nn.Module):
+    """A restricted-vocabulary head seen as a full one: uncovered tokens get the lowest logit."""
+
+    def __init__(self, head: torch.nn.Module, vocab_ids: torch.Tensor, vocab_size: int):
+        super().__init__()
+        self.head = head
+        self.register_buffer("vocab_ids", vocab_ids, persistent=False)  # [V_out]
+        self.vocab_size = vocab_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        restricted = self.head(hidden)  # [B, S, V_out]
+        full = restricted.new_full((*restricted.shape[:-1], self.vocab_size), torch.finfo(restricted.dtype).min)
+        return full.index_copy(-1, self.vocab_ids, restricted)  # [B, S, V]
+
+
+def hf_assistant(draft: LoadedModel) -> torch.nn.Module:
+    """The draft as a transformers model `generate(assistant_model=...)` accepts, same weights.
+
+    A project drafter (Llama layers + a restricted head) becomes a LlamaForCausalLM
+    sharing its decoder and wrapping its head; a transformers model is used as is.
+    """
+    vocab_ids = getattr(draft.model, "vocab_ids", None)
+    if vocab_ids is None:
+        return draft.model
+    from transformers import LlamaForCausalLM
+
+    config = draft.model.config
+    with torch.device("meta"):
+        assistant = LlamaForCausalLM(config)  # a shell: its own weights are replaced below
+    assistant.model = draft.model.model
+    assistant.lm_head = FullVocabularyHead(draft.model.lm_head, vocab_ids, config.vocab_size)
+    return assistant.to(draft.dtype).eval()
 
 
 @contextmanager
@@ -44,6 +79,7 @@ class HfRunner:
         self.target = target
         self.tokenizer = tokenizer
         self.draft = draft
+        self.assistant = hf_assistant(draft) if draft is not None else None
 
     def generate_kwargs(self, method: str) -> dict:
         if method == "autoregressive":
@@ -53,7 +89,7 @@ class HfRunner:
         if method == "draft_model":
             if self.draft is None:
                 raise ValueError("draft_model needs a draft model")
-            return {"assistant_model": self.draft.model}
+            return {"assistant_model": self.assistant}
         raise ValueError(f"unknown method {method!r}")
 
     def run(self, prompt: BenchPrompt, method: str, max_new_tokens: int, step_timings: bool = False) -> RunRecord:
