@@ -88,7 +88,8 @@ async def run_server(
     Health says NOT_SERVING until `wait_ready` (e.g. "the upstream services answer")
     completes, then SERVING.
     """
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    # No SO_REUSEPORT: a second server on a taken port must fail, not share its traffic.
+    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
     names = register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
