@@ -92,6 +92,8 @@ async def run_server(
     server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
     names = register(server)
     health_servicer = health.aio.HealthServicer()
+    # The servicer starts with the overall status SERVING; say NOT_SERVING until ready.
+    await set_serving(health_servicer, names, False)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if with_reflection:
         reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
