@@ -28,7 +28,6 @@ class PromptLookupProposer:
         self.fallback = fallback
         self.forward_passes = 0
         self.last_compute_ms = 0.0
-        self.fallback_hits = 0
 
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
         return None
@@ -37,7 +36,6 @@ class PromptLookupProposer:
         tokens = find_continuation(sequence, k, self.max_ngram, self.max_ngram)
         if not tokens and self.fallback is not None:
             tokens = await self.fallback(sequence, k)
-            self.fallback_hits += bool(tokens)
         if not tokens and self.max_ngram > self.min_ngram:
             tokens = find_continuation(sequence, k, self.max_ngram - 1, self.min_ngram)
         return Proposal(tokens)

@@ -49,9 +49,7 @@ async def status_on_error(context: grpc.aio.ServicerContext) -> AsyncIterator[No
         await context.abort(_STATUS[type(error)], str(error))
     except UpstreamError as error:
         await context.abort(error.code, str(error))
-    except grpc.aio.AbortError:
-        raise
-    except (asyncio.CancelledError, GeneratorExit):
+    except grpc.aio.AbortError:  # already a status (an abort inside the block)
         raise
     except Exception as error:  # a bug: report it instead of hanging the caller
         log.exception("internal error")
