@@ -109,10 +109,14 @@ def generate_data(out_dir: str | Path, n_prompts: int, batch_size: int = 24, max
     return out_dir
 
 
+def load_shard(path: str | Path) -> list[dict]:
+    return torch.load(path, weights_only=False)
+
+
 def load_records(data_dir: str | Path) -> list[dict]:
     records: list[dict] = []
     for path in sorted(Path(data_dir).glob("shard_*.pt")):
-        records.extend(torch.load(path, weights_only=False))
+        records.extend(load_shard(path))
     return records
 
 

@@ -32,6 +32,17 @@ class KVSession:
         self.length += len(token_ids)
         return out.logits[0, -logits_for:].float().cpu()  # [logits_for, V_out]
 
+    @torch.inference_mode()
+    def extend_with_hidden(self, token_ids: list[int], logits_for: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `extend`, and also the last hidden state (after the final norm) of every new
+        position: (float32 logits [logits_for, V] and hidden [n, H] in the model's dtype, on the CPU).
+        Needs a transformers causal LM with `.model` and `.lm_head` (the Llama family)."""
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, n]
+        hidden = self.model.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True).last_hidden_state[0]  # [n, H]
+        self.length += len(token_ids)
+        logits = self.model.lm_head(hidden[-logits_for:])  # [logits_for, V]
+        return logits.float().cpu(), hidden.cpu()
+
     def rollback(self, length: int) -> None:
         """Keep the first `length` tokens."""
         if not 0 <= length <= self.length:

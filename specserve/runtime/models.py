@@ -105,6 +105,9 @@ class LoadedModel:
     vocab_size: int
     max_context_tokens: int
     eos_token_ids: frozenset[int]
+    # A feature draft (EAGLE-style) drafts from the target's hidden states, which
+    # the target must then return with every op.
+    needs_target_hidden_states: bool = False
 
     @property
     def dtype_name(self) -> str:
@@ -128,9 +131,11 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
 
         return load_simulated(spec, DTYPES[dtype])
     if (Path(spec) / "drafter.json").is_file():
+        from specserve.drafter.feature_model import is_feature_draft, load_feature_draft
         from specserve.drafter.model import load_drafter
 
-        model = load_drafter(Path(spec), DTYPES[dtype]).to(device).eval()
+        load = load_feature_draft if is_feature_draft(spec) else load_drafter
+        model = load(Path(spec), DTYPES[dtype]).to(device).eval()
     else:
         model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(spec), dtype=DTYPES[dtype]).to(device).eval()
     config = getattr(model, "config", None)
@@ -142,6 +147,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         vocab_size=model.get_input_embeddings().weight.shape[0],
         max_context_tokens=int(getattr(config, "max_position_embeddings", 2048)),
         eos_token_ids=eos_token_ids(model),
+        needs_target_hidden_states=bool(getattr(model, "needs_target_hidden_states", False)),
     )
 
 

@@ -51,12 +51,30 @@ class _SessionBase:
 
 
 class TargetWorker(_SessionBase):
-    """Prefills, then verifies chains: one forward pass per step."""
+    """Prefills, then verifies chains: one forward pass per step.
 
-    def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> int:
+    With `return_hidden_states`, each op also leaves in `last_hidden_states` the
+    last hidden state [n, H] of every position it added to the cache (start: the
+    prompt's; verify: the pending token's and the accepted proposals'): what a
+    feature draft reads.
+    """
+
+    def __init__(self, loaded: LoadedModel):
+        super().__init__(loaded)
+        self.return_hidden_states = False
+        self.last_hidden_states: torch.Tensor | None = None
+
+    def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> int:
         self._begin(prompt, sampling, seed)
-        logits = self.kv.extend(prompt)  # [1, V]
+        self.return_hidden_states = return_hidden_states
+        logits = self._extend(prompt, logits_for=1)  # [1, V]
         return next_token(logits[0], self.sampling, self.generator)
+
+    def _extend(self, token_ids: list[int], logits_for: int) -> torch.Tensor:
+        if not self.return_hidden_states:
+            return self.kv.extend(token_ids, logits_for=logits_for)
+        logits, self.last_hidden_states = self.kv.extend_with_hidden(token_ids, logits_for=logits_for)
+        return logits
 
     def verify(self, committed_len: int, token_ids: list[int], draft_probs: torch.Tensor | None) -> Verdict:
         """token_ids = [pending, d1..dk]; draft_probs [k, V] or None (deterministic proposer)."""
@@ -69,13 +87,15 @@ class TargetWorker(_SessionBase):
         proposal = token_ids[1:]
         if draft_probs is not None and draft_probs.shape[0] != len(proposal):
             raise InvalidArgument(f"draft_probs: {draft_probs.shape[0]} distributions for {len(proposal)} proposed tokens")
-        logits = self.kv.extend(token_ids, logits_for=len(token_ids))  # [k+1, V]
+        logits = self._extend(token_ids, logits_for=len(token_ids))  # [k+1, V]
         if self.sampling.greedy:
             verdict = accept_greedy(logits, proposal)
         else:
             verdict = accept_rejection_sampling(warp(logits, self.sampling), proposal, draft_probs, self.generator)
         # Keep the pending token and the accepted proposals; the last verdict token is the new pending one.
         self.kv.rollback(committed_len + 1 + verdict.accepted)
+        if self.return_hidden_states:
+            self.last_hidden_states = self.last_hidden_states[: 1 + verdict.accepted]  # [1 + accepted, H]
         return verdict
 
 
@@ -119,7 +139,7 @@ class DraftWorker(_SessionBase):
         proposal: list[int] = []
         rows: list[SparseRow] = []
         for i in range(k):
-            token, row = self._choose(logits)
+            token, row = _choose(logits, self.kv.vocab_ids, self.sampling, self.generator)
             proposal.append(token)
             if row is not None:
                 rows.append(row)
@@ -129,12 +149,75 @@ class DraftWorker(_SessionBase):
         self.held.extend(proposal)
         return proposal, (None if self.sampling.greedy else rows)
 
-    def _choose(self, logits: torch.Tensor) -> tuple[int, SparseRow | None]:
-        vocab_ids = self.kv.vocab_ids
-        if self.sampling.greedy:
-            index = int(torch.argmax(logits).item())
-            return (index if vocab_ids is None else int(vocab_ids[index])), None
-        probs = warp(logits, self.sampling)  # [V_out]
-        index = int(torch.multinomial(probs, 1, generator=self.generator).item())
-        token = index if vocab_ids is None else int(vocab_ids[index])
-        return token, to_sparse(probs, vocab_ids)
+
+class FeatureDraftWorker(_SessionBase):
+    """Proposes k tokens from the target's hidden states (a `FeatureDraft`).
+
+    `held` is the token sequence x[0..m] for whose tokens x[1..m] the draft was sent
+    the target's hidden state at the position before; its cache holds one pair
+    (h[j-1], x[j]) per such token. Proposals are never kept: they were drafted from
+    predicted hidden states, so each call rolls the cache back to true pairs.
+    """
+
+    def __init__(self, loaded: LoadedModel):
+        super().__init__(loaded)
+        self.held: list[int] = []
+        self.forward_passes = 0
+        self.hidden_size = int(loaded.model.config.hidden_size)
+
+    def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
+        self._begin(prompt, sampling, seed)
+        self.held = list(prompt[:1])  # the rest of the prompt arrives with its hidden states
+
+    def propose(self, committed_len: int, token_ids: list[int], k: int, hidden_states: torch.Tensor | None
+                ) -> tuple[list[int], list[SparseRow] | None]:
+        """hidden_states [len(token_ids), H]: the target's state before each new token."""
+        self._check_started()
+        if not 1 <= committed_len <= len(self.held):
+            raise FailedPrecondition(f"committed_len is {committed_len} but the draft holds {len(self.held)} tokens with hidden states")
+        if k < 1:
+            raise InvalidArgument("num_tokens: must be at least 1")
+        if not token_ids:
+            raise InvalidArgument("token_ids: a feature draft needs at least one new token with its hidden state")
+        if hidden_states is None or tuple(hidden_states.shape) != (len(token_ids), self.hidden_size):
+            shape = None if hidden_states is None else tuple(hidden_states.shape)
+            raise InvalidArgument(f"hidden_states: expected shape {(len(token_ids), self.hidden_size)} (one row per token), got {shape}")
+        self._check_tokens(token_ids, "token_ids", committed_len)
+        if committed_len + len(token_ids) + k > self.loaded.max_context_tokens:
+            raise InvalidArgument("num_tokens: the proposals would exceed the draft's context window")
+        self.held = self.held[:committed_len] + list(token_ids)
+        self.kv.rollback(min(self.kv.length, committed_len - 1))  # pairs are one fewer than tokens
+        logits, predicted = self._forward(list(token_ids), hidden_states)
+        proposal: list[int] = []
+        rows: list[SparseRow] = []
+        for i in range(k):
+            token, row = _choose(logits, self.kv.vocab_ids, self.sampling, self.generator)
+            proposal.append(token)
+            if row is not None:
+                rows.append(row)
+            if i < k - 1:
+                logits, predicted = self._forward([token], predicted[-1:])
+        return proposal, (None if self.sampling.greedy else rows)
+
+    @torch.inference_mode()
+    def _forward(self, token_ids: list[int], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends pairs; (float32 logits [V_out] of the last, predicted hidden states [n, H])."""
+        model = self.kv.model
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.kv.device)  # [1, n]
+        hidden = hidden.to(device=self.kv.device, dtype=self.loaded.dtype)[None]  # [1, n, H]
+        logits, predicted = model(input_ids, hidden, past_key_values=self.kv.cache, use_cache=True, logits_to_keep=1)
+        self.kv.length += len(token_ids)
+        self.forward_passes += 1
+        return logits[0, -1].float().cpu(), predicted[0]
+
+
+def _choose(logits: torch.Tensor, vocab_ids: torch.Tensor | None, sampling: SamplingConfig,
+            generator: torch.Generator | None) -> tuple[int, SparseRow | None]:
+    """The next draft token from logits [V_out] and, when sampling, the sparse row it was drawn from."""
+    if sampling.greedy:
+        index = int(torch.argmax(logits).item())
+        return (index if vocab_ids is None else int(vocab_ids[index])), None
+    probs = warp(logits, sampling)  # [V_out]
+    index = int(torch.multinomial(probs, 1, generator=generator).item())
+    token = index if vocab_ids is None else int(vocab_ids[index])
+    return token, to_sparse(probs, vocab_ids)

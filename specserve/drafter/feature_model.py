@@ -1,0 +1,144 @@
+"""A feature-level draft (EAGLE-style): it reads the target's own hidden states.
+
+The target's last hidden state (after its final norm, what its LM head reads)
+says most of what the next token will be. This draft takes, at each position j,
+the target's hidden state h[j-1] and the token x[j] that followed it, and predicts
+h[j]; the target's own (tied) embedding rows turn that prediction into logits for
+x[j+1]. Drafting several tokens feeds the predicted states back in.
+
+    input j:  fc([embed(x[j]) ; h[j-1]])          [1, n, 2H] -> [1, n, H]
+    body:     one Llama decoder layer + RMSNorm    -> predicted h[j]  [1, n, H]
+    head:     h[j] @ embed[vocab_ids].T            -> [1, n, V_out]
+
+The draft's cache position j-1 holds pair j, so its sequence is one shorter than
+the token sequence. The embedding (and so the head) is the target's, frozen and not
+stored: `load_feature_draft` reads it from the target's safetensors.
+
+On disk: `drafter.json` ("format": "specserve-feature-drafter/1") and
+`model.safetensors` (fc, the layer, the norm, vocab_ids; bf16).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import GenerationConfig, LlamaConfig, LlamaModel
+
+from specserve.drafter.model import CONFIG_NAME, WEIGHTS_NAME, target_embedding
+
+FORMAT = "specserve-feature-drafter/1"
+
+
+class FeatureDraft(nn.Module):
+    """Predicts the target's next hidden state; see the module docstring."""
+
+    needs_target_hidden_states = True
+
+    def __init__(self, config: LlamaConfig, vocab_ids: torch.Tensor, embedding: torch.Tensor):
+        super().__init__()
+        self.config = config
+        self.generation_config = GenerationConfig(eos_token_id=config.eos_token_id)
+        hidden = config.hidden_size
+        self.embed_tokens = nn.Embedding.from_pretrained(embedding.float(), freeze=True)  # [V, H], the target's
+        self.fc = nn.Linear(2 * hidden, hidden, bias=True)  # [H, 2H]
+        body_config = LlamaConfig(**{**config.to_dict(), "num_hidden_layers": 1, "vocab_size": 1, "pad_token_id": None,
+                                     "bos_token_id": None, "eos_token_id": None})
+        self.body = LlamaModel(body_config)
+        self.body.embed_tokens = None  # inputs arrive as embeddings
+        self.register_buffer("vocab_ids", vocab_ids.long().clone(), persistent=True)  # [V_out]
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight[self.vocab_ids]  # [V_out, H]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, n]: x[j]
+        target_hidden: torch.Tensor,  # [B, n, H]: h[j-1]
+        past_key_values=None,
+        use_cache: bool = True,
+        logits_to_keep: int = 0,
+        position_ids: torch.Tensor | None = None,  # [B, n]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [B, keep, V_out], predicted hidden states [B, n, H])."""
+        embeds = self.embed_tokens(input_ids).to(target_hidden.dtype)  # [B, n, H]
+        fused = self.fc(torch.cat([embeds, target_hidden], dim=-1))  # [B, n, H]
+        out = self.body(inputs_embeds=fused, past_key_values=past_key_values, use_cache=use_cache, position_ids=position_ids)
+        predicted = out.last_hidden_state  # [B, n, H]
+        kept = predicted[:, -logits_to_keep:] if logits_to_keep else predicted
+        logits = kept @ self.head_weight().to(kept.dtype).T  # [B, keep, V_out]
+        return logits, predicted
+
+
+def build_feature_draft(target: nn.Module, vocab_ids: torch.Tensor, layer_id: int = -1) -> FeatureDraft:
+    """A feature draft initialised from a loaded Llama-family target: its body is a copy of
+    one of the target's decoder layers (the last by default) and its final norm."""
+    cfg = target.config.to_dict()
+    for key in ("architectures", "dtype", "torch_dtype", "transformers_version"):
+        cfg.pop(key, None)
+    cfg.update(num_hidden_layers=1, tie_word_embeddings=False, use_cache=True)
+    config = LlamaConfig(**cfg)
+    config.draft_layer_id = layer_id
+    draft = FeatureDraft(config, vocab_ids, target.get_input_embeddings().weight.detach()).float()
+    src = target.model
+    with torch.no_grad():
+        draft.body.layers[0].load_state_dict({k: v.float() for k, v in src.layers[layer_id].state_dict().items()})
+        draft.body.norm.weight.copy_(src.norm.weight.float())
+        # Start as "the target's next state is its previous one, nudged by the token".
+        hidden = config.hidden_size
+        draft.fc.weight.zero_()
+        draft.fc.weight[:, hidden:].copy_(torch.eye(hidden))
+        draft.fc.weight[:, :hidden].copy_(0.1 * torch.eye(hidden))
+        draft.fc.bias.zero_()
+    return draft
+
+
+def save_feature_draft(model: FeatureDraft, directory: str | Path, target_spec: str = "smollm2", extra: dict | None = None) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        name: t.detach().to(torch.bfloat16).contiguous() if t.is_floating_point() else t.detach().contiguous()
+        for name, t in model.state_dict().items()
+        if not name.startswith("embed_tokens.")
+    }
+    save_file(tensors, str(directory / WEIGHTS_NAME))
+    meta = {
+        "format": FORMAT,
+        "target": target_spec,
+        "embedding": "shared with the target (read from its safetensors at load); the head is its rows for vocab_ids",
+        "llama_config": model.config.to_dict(),
+        "vocab_out": int(model.vocab_ids.numel()),
+        **(extra or {}),
+    }
+    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def is_feature_draft(directory: str | Path) -> bool:
+    path = Path(directory) / CONFIG_NAME
+    return path.is_file() and json.loads(path.read_text()).get("format") == FORMAT
+
+
+def load_feature_draft(directory: str | Path, dtype: torch.dtype = torch.float32, target_dir: str | Path | None = None) -> FeatureDraft:
+    directory = Path(directory)
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    cfg = dict(meta["llama_config"])
+    for key in ("architectures", "dtype", "torch_dtype", "transformers_version"):
+        cfg.pop(key, None)
+    config = LlamaConfig(**cfg)
+    if target_dir is None:
+        from specserve.runtime.models import resolve_model_dir
+
+        target_dir = resolve_model_dir(meta["target"])
+    state = load_file(str(directory / WEIGHTS_NAME))
+    model = FeatureDraft(config, state["vocab_ids"], target_embedding(Path(target_dir)))
+    model.load_state_dict(state, strict=False)  # the embedding came from the target
+    missing = set(model.state_dict()) - set(state) - {"embed_tokens.weight"}
+    if missing:
+        raise ValueError(f"{directory}: weights missing: {sorted(missing)}")
+    return model.to(dtype).eval()
