@@ -1,19 +1,23 @@
-"""DraftService: protobuf <-> DraftWorker, one worker per Session stream."""
+"""DraftService: protobuf <-> DraftWorker (or FeatureDraftWorker), one worker per Session stream."""
 
 from __future__ import annotations
 
 import time
 
 from specserve.core.errors import InvalidArgument
-from specserve.runtime.workers import DraftWorker
+from specserve.runtime.workers import DraftWorker, FeatureDraftWorker
+from specserve.serving import hidden_states
 from specserve.serving.model_host import SessionServicer, sampling_from_proto
 from specserve.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 
 class DraftServicer(SessionServicer, draft_pb2_grpc.DraftServiceServicer):
-    worker_class = DraftWorker
+    def new_worker(self) -> DraftWorker | FeatureDraftWorker:
+        # A feature draft drafts from the target's hidden states, sent with each propose op.
+        loaded = self.host.loaded
+        return FeatureDraftWorker(loaded) if loaded.needs_target_hidden_states else DraftWorker(loaded)
 
-    async def _handle(self, worker: DraftWorker, request: draft_pb2.DraftRequest) -> draft_pb2.DraftResponse:
+    async def _handle(self, worker: DraftWorker | FeatureDraftWorker, request: draft_pb2.DraftRequest) -> draft_pb2.DraftResponse:
         began = time.perf_counter()
         passes_before = worker.forward_passes
         op = request.WhichOneof("op")
@@ -23,7 +27,11 @@ class DraftServicer(SessionServicer, draft_pb2_grpc.DraftServiceServicer):
             await self.host.run(worker.start, list(start.prompt_token_ids), sampling_from_proto(start.sampling), start.seed)
         elif op == "propose":
             propose = request.propose
-            tokens, rows = await self.host.run(worker.propose, propose.committed_len, list(propose.token_ids), propose.num_tokens)
+            args = [propose.committed_len, list(propose.token_ids), propose.num_tokens]
+            if isinstance(worker, FeatureDraftWorker):
+                sent = propose.HasField("hidden_states")
+                args.append(hidden_states.from_proto(propose.hidden_states) if sent else None)  # [len(token_ids), H]
+            tokens, rows = await self.host.run(worker.propose, *args)
             response.token_ids.extend(tokens)
             for ids, probs in rows or []:
                 response.probs.append(common_pb2.SparseDistribution(token_ids=ids, probs=probs))

@@ -7,6 +7,7 @@ import time
 from specserve.core.distributions import to_dense
 from specserve.core.errors import InvalidArgument
 from specserve.runtime.workers import TargetWorker
+from specserve.serving import hidden_states
 from specserve.serving.model_host import SessionServicer, sampling_from_proto
 from specserve.v1 import target_pb2, target_pb2_grpc
 
@@ -19,7 +20,8 @@ class TargetServicer(SessionServicer, target_pb2_grpc.TargetServiceServicer):
         op = request.WhichOneof("op")
         if op == "start":
             start = request.start
-            token = await self.host.run(worker.start, list(start.prompt_token_ids), sampling_from_proto(start.sampling), start.seed)
+            token = await self.host.run(worker.start, list(start.prompt_token_ids), sampling_from_proto(start.sampling),
+                                        start.seed, start.return_hidden_states)
             tokens, accepted = [token], 0
         elif op == "verify":
             verify = request.verify
@@ -31,10 +33,13 @@ class TargetServicer(SessionServicer, target_pb2_grpc.TargetServiceServicer):
             tokens, accepted = verdict.tokens, verdict.accepted
         else:
             raise InvalidArgument("op: expected start or verify")
-        return target_pb2.TargetResponse(
+        response = target_pb2.TargetResponse(
             op_id=request.op_id,
             token_ids=tokens,
             accepted=accepted,
             committed_len=worker.kv.length,
             compute_ms=(time.perf_counter() - began) * 1e3,
         )
+        if worker.return_hidden_states:
+            response.hidden_states.CopyFrom(hidden_states.to_proto(worker.last_hidden_states))  # [n, H]
+        return response

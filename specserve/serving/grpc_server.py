@@ -16,7 +16,11 @@ from specserve.core.errors import FailedPrecondition, InvalidArgument, ResourceE
 
 log = logging.getLogger(__name__)
 
-# Draft distributions can be dense over the whole vocabulary: 4 x 49152 entries is ~1.6 MB.
+# The one limit on message size, for every server and every channel between services
+# (gRPC's default is 4 MB). The large messages: draft distributions can be dense over
+# the whole vocabulary (4 x 49152 entries is ~1.6 MB), and a prompt's hidden states for
+# a feature draft take 4 x hidden size bytes per token in float32 (2.3 KB for SmolLM2:
+# 19 MB for its whole 8,192-token context).
 MESSAGE_LIMIT = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MESSAGE_LIMIT),

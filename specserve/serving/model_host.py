@@ -43,6 +43,7 @@ class ModelHost:
             dtype=self.loaded.dtype_name,
             active_sessions=self.sessions.active,
             max_sessions=self.sessions.limit,
+            needs_target_hidden_states=self.loaded.needs_target_hidden_states,
         )
 
 
@@ -80,8 +81,9 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
 class SessionServicer:
     """GetInfo and the Session stream loop, shared by the target and draft servicers.
 
-    Subclasses name their worker class and convert one request to one response in
-    `_handle`; listed before the generated servicer base, this overrides its methods.
+    Subclasses name their worker class (or override `new_worker`) and convert one
+    request to one response in `_handle`; listed before the generated servicer
+    base, this overrides its methods.
     """
 
     worker_class: type
@@ -95,9 +97,12 @@ class SessionServicer:
     async def Session(self, request_iterator, context):
         async with status_on_error(context):
             with self.host.sessions.hold():
-                worker = self.worker_class(self.host.loaded)
+                worker = self.new_worker()
                 async for request in request_iterator:
                     yield await self._handle(worker, request)
+
+    def new_worker(self):
+        return self.worker_class(self.host.loaded)
 
     async def _handle(self, worker, request):
         raise NotImplementedError
