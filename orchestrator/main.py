@@ -67,7 +67,8 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
         # SERVING only once the target answers (and the draft, when configured).
         upstreams.target_info = await wait_for_info("target", upstreams.target.GetInfo)
         if upstreams.draft is not None:
-            await wait_for_info("draft", upstreams.draft.GetInfo)
+            # Whether the draft needs the target's hidden states decides the proposer.
+            upstreams.draft_info = await wait_for_info("draft", upstreams.draft.GetInfo)
         if redis_client is not None:
             servicer.pool = NgramPool(redis_client, namespace=upstreams.target_info.model)
 

@@ -12,7 +12,7 @@ import grpc
 
 from orchestrator import requests
 from orchestrator.ngram_pool import NgramPool
-from orchestrator.upstream import RemoteDraftProposer, RemoteTargetSession
+from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer, RemoteTargetSession
 from specserve.core.adaptive import SpeculationLength
 from specserve.core.errors import Unavailable
 from specserve.core.proposers import PromptLookupProposer
@@ -31,6 +31,7 @@ class Upstreams:
     target: target_pb2_grpc.TargetServiceStub
     draft: draft_pb2_grpc.DraftServiceStub | None
     target_info: model_service_pb2.ModelInfo | None = None  # set once the target answers
+    draft_info: model_service_pb2.ModelInfo | None = None  # set once the draft answers
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
@@ -109,7 +110,12 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     def _proposer(self, job: requests.Job):
         if job.method == pb.DRAFT_MODEL:
-            return RemoteDraftProposer(self.upstreams.draft)
+            info = self.upstreams.draft_info
+            if info is None:
+                raise Unavailable("the draft service has not answered yet; retry shortly")
+            # A feature draft drafts from the target's hidden states, which the loop then asks for.
+            remote = RemoteFeatureDraftProposer if info.needs_target_hidden_states else RemoteDraftProposer
+            return remote(self.upstreams.draft)
         if job.method == pb.PROMPT_LOOKUP:
             # The pool changes with other traffic, and different proposals consume the
             # random stream differently: a seeded sampling request skips it so that it

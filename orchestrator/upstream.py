@@ -16,6 +16,7 @@ from specserve.core.acceptance import Verdict
 from specserve.core.errors import Unavailable
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DraftSequenceTracker, Proposal
+from specserve.serving import hidden_states
 from specserve.serving.grpc_server import CHANNEL_OPTIONS, UpstreamError
 from specserve.v1 import common_pb2, draft_pb2, draft_pb2_grpc, model_service_pb2, target_pb2, target_pb2_grpc
 
@@ -77,19 +78,27 @@ class RemoteTargetSession:
         self.stub = stub
         self.stream: _Stream | None = None
         self.last_compute_ms = 0.0
+        # The last response's HiddenStates message, when the start op asked for them.
+        self.last_hidden_states: common_pb2.HiddenStates | None = None
 
-    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> int:
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> int:
         self.stream = _Stream("target", self.stub.Session())
-        start = target_pb2.TargetStart(prompt_token_ids=prompt, sampling=_sampling_proto(sampling), seed=seed)
-        response = await self.stream.request(target_pb2.TargetRequest(op_id=self.stream.op_id(), start=start))
+        start = target_pb2.TargetStart(prompt_token_ids=prompt, sampling=_sampling_proto(sampling), seed=seed,
+                                       return_hidden_states=return_hidden_states)
+        response = await self._request(target_pb2.TargetRequest(op_id=self.stream.op_id(), start=start))
         return response.token_ids[0]
 
     async def verify(self, committed_len: int, tokens: list[int], draft_probs) -> Verdict:
         # draft_probs are the draft service's SparseDistribution messages, forwarded as they came.
         verify = target_pb2.TargetVerify(committed_len=committed_len, token_ids=tokens, draft_probs=draft_probs or [])
-        response = await self.stream.request(target_pb2.TargetRequest(op_id=self.stream.op_id(), verify=verify))
+        response = await self._request(target_pb2.TargetRequest(op_id=self.stream.op_id(), verify=verify))
         self.last_compute_ms = response.compute_ms
         return Verdict(response.accepted, list(response.token_ids))
+
+    async def _request(self, request: target_pb2.TargetRequest) -> target_pb2.TargetResponse:
+        response = await self.stream.request(request)
+        self.last_hidden_states = response.hidden_states if response.HasField("hidden_states") else None
+        return response
 
     def close(self) -> None:
         if self.stream is not None:
@@ -113,14 +122,46 @@ class RemoteDraftProposer:
 
     async def propose(self, sequence: list[int], k: int) -> Proposal:
         committed, append = self.tracker.diff(sequence)
-        propose = draft_pb2.DraftPropose(committed_len=committed, token_ids=append, num_tokens=k)
+        proposal = await self._propose(draft_pb2.DraftPropose(committed_len=committed, token_ids=append, num_tokens=k))
+        self.tracker.record(sequence, proposal.tokens)
+        return proposal
+
+    async def _propose(self, propose: draft_pb2.DraftPropose) -> Proposal:
         response = await self.stream.request(draft_pb2.DraftRequest(op_id=self.stream.op_id(), propose=propose))
         self.forward_passes += response.forward_passes
         self.last_compute_ms = response.compute_ms
-        tokens = list(response.token_ids)
-        self.tracker.record(sequence, tokens)
-        return Proposal(tokens, list(response.probs) or None)
+        return Proposal(list(response.token_ids), list(response.probs) or None)
 
     def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
+
+
+class RemoteFeatureDraftProposer(RemoteDraftProposer):
+    """A feature draft service: each propose sends the tokens since the last one with
+    the target's hidden states received since then (one row per token), the
+    messages' bytes joined as they came."""
+
+    needs_target_hidden_states = True
+
+    def __init__(self, stub: draft_pb2_grpc.DraftServiceStub):
+        super().__init__(stub)
+        self.pending: list[common_pb2.HiddenStates] = []  # not yet sent, in order
+
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
+        await super().start(prompt, sampling, seed)
+        self.tracker.reset(prompt[:1])  # the rest of the prompt arrives with the target's hidden states
+
+    def observe_target_hidden_states(self, hidden: common_pb2.HiddenStates | None) -> None:
+        if hidden is None:
+            raise RuntimeError("the target service returned no hidden states for a feature draft")
+        self.pending.append(hidden)
+
+    async def propose(self, sequence: list[int], k: int) -> Proposal:
+        committed, append = self.tracker.diff(sequence)
+        joined = hidden_states.concat(self.pending)  # [len(append), H]
+        self.pending = []
+        proposal = await self._propose(draft_pb2.DraftPropose(committed_len=committed, token_ids=append, num_tokens=k,
+                                                              hidden_states=joined))
+        self.tracker.record(sequence, [])  # proposals are not kept
+        return proposal

@@ -173,6 +173,11 @@ def _warm_up(runners, methods, prompt, notes) -> list:
     jobs = []
     for runner in runners:
         for method in methods:
+            skip_reason = getattr(runner, "skip_reason", None)  # a runner that cannot run some method says why
+            reason = skip_reason(method) if skip_reason else None
+            if reason:
+                notes.append(f"{runner.mode}/{method} skipped: {reason}")
+                continue
             try:
                 runner.run(prompt, method, WARMUP_TOKENS)
                 jobs.append((runner, method))

@@ -35,8 +35,11 @@ class Proposal:
 
 class TargetSession(Protocol):
     last_compute_ms: float  # model time of the last call
+    # With return_hidden_states: after start and after every verify, the hidden states
+    # of the positions the call kept, in whatever form the proposer takes (opaque here).
+    last_hidden_states: Any
 
-    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> int:
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> int:
         """Prefill the prompt; return the first generated token."""
 
     async def verify(self, committed_len: int, tokens: list[int], draft_probs: Any) -> Verdict:
@@ -44,6 +47,11 @@ class TargetSession(Protocol):
 
 
 class Proposer(Protocol):
+    """A proposer may also declare `needs_target_hidden_states = True` (a feature draft):
+    the target then returns its hidden states, and the proposer gets them through
+    `observe_target_hidden_states(hidden)` after the target's start and after every
+    verify, in order, to send along with its next propose."""
+
     forward_passes: int
     last_compute_ms: float  # model time of the last call
 
@@ -103,10 +111,13 @@ async def decode(target: TargetSession, proposer: Proposer | None, request: Deco
     stats = request.stats
     prompt = list(request.prompt)
     budget = min(request.sampling.max_new_tokens, request.max_context_tokens - len(prompt))
-    starts = [target.start(prompt, request.sampling, request.seed)]
+    wants_hidden = getattr(proposer, "needs_target_hidden_states", False)
+    starts = [target.start(prompt, request.sampling, request.seed, return_hidden_states=wants_hidden)]
     if proposer is not None:
         starts.append(proposer.start(prompt, request.sampling, request.seed + 1))
     first, *_ = await asyncio.gather(*starts)
+    if wants_hidden:
+        proposer.observe_target_hidden_states(target.last_hidden_states)
     stats.target_forward_passes += 1
     sequence = prompt + [first]  # the last token is pending: generated, not yet in the target's cache
     chunk, finish = _cut([first], request.eos_token_ids, budget)
@@ -126,6 +137,8 @@ async def decode(target: TargetSession, proposer: Proposer | None, request: Deco
                 proposal = await proposer.propose(sequence, k)
                 draft_ms = proposer.last_compute_ms
         verdict = await target.verify(len(sequence) - 1, [sequence[-1], *proposal.tokens], proposal.probs)
+        if wants_hidden:
+            proposer.observe_target_hidden_states(target.last_hidden_states)
         if stats.steps is not None:
             wall_ms = (time.perf_counter() - step_began) * 1e3
             stats.steps.append(StepRecord(wall_ms, draft_ms + target.last_compute_ms, len(proposal.tokens), verdict.accepted))
@@ -159,6 +172,10 @@ class DraftSequenceTracker:
     The draft's sequence is everything it was sent plus its own last proposals.
     For a new sequence, the longest common prefix with it is what the draft keeps
     (committed_len); the rest of the new sequence is appended.
+
+    A feature draft keeps no proposals and holds only tokens it was sent a hidden
+    state for: reset with prompt[:1], record with no proposal; each diff then
+    covers exactly the tokens whose hidden states arrived since the last propose.
     """
 
     def __init__(self) -> None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from specserve.core.acceptance import Verdict
 from specserve.core.distributions import to_dense
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DraftSequenceTracker, Proposal
 from specserve.runtime.models import LoadedModel
-from specserve.runtime.workers import DraftWorker, TargetWorker
+from specserve.runtime.workers import DraftWorker, FeatureDraftWorker, TargetWorker
 
 
 class LocalTargetSession:
@@ -21,8 +23,12 @@ class LocalTargetSession:
         self.worker = TargetWorker(loaded)
         self.last_compute_ms = 0.0
 
-    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> int:
-        return self.worker.start(prompt, sampling, seed)
+    @property
+    def last_hidden_states(self) -> torch.Tensor | None:
+        return self.worker.last_hidden_states  # [n, H] of the last call, when asked for at start
+
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> int:
+        return self.worker.start(prompt, sampling, seed, return_hidden_states)
 
     async def verify(self, committed_len: int, tokens: list[int], draft_probs) -> Verdict:
         began = time.perf_counter()
@@ -53,3 +59,42 @@ class LocalDraftProposer:
         self.tracker.record(sequence, tokens)
         self.last_compute_ms = (time.perf_counter() - began) * 1e3
         return Proposal(tokens, rows)
+
+
+class LocalFeatureDraftProposer:
+    """A feature draft: each propose sends the tokens since the last one with the
+    target's hidden states observed since then (one row per token)."""
+
+    needs_target_hidden_states = True
+
+    def __init__(self, loaded: LoadedModel):
+        self.worker = FeatureDraftWorker(loaded)
+        self.tracker = DraftSequenceTracker()
+        self.pending: list[torch.Tensor] = []  # [n_i, H] each, not yet sent
+        self.last_compute_ms = 0.0
+
+    @property
+    def forward_passes(self) -> int:
+        return self.worker.forward_passes
+
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
+        self.worker.start(prompt, sampling, seed)
+        self.tracker.reset(prompt[:1])  # the rest of the prompt arrives with the target's hidden states
+
+    def observe_target_hidden_states(self, hidden: torch.Tensor) -> None:
+        self.pending.append(hidden)
+
+    async def propose(self, sequence: list[int], k: int) -> Proposal:
+        began = time.perf_counter()
+        committed, append = self.tracker.diff(sequence)
+        hidden = torch.cat(self.pending)  # [len(append), H]
+        self.pending = []
+        tokens, rows = self.worker.propose(committed, append, k, hidden)
+        self.tracker.record(sequence, [])  # proposals are not kept
+        self.last_compute_ms = (time.perf_counter() - began) * 1e3
+        return Proposal(tokens, rows)
+
+
+def local_draft_proposer(loaded: LoadedModel) -> LocalDraftProposer | LocalFeatureDraftProposer:
+    """The in-process proposer for a loaded draft: a feature draft reads the target's hidden states."""
+    return LocalFeatureDraftProposer(loaded) if loaded.needs_target_hidden_states else LocalDraftProposer(loaded)

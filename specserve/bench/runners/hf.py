@@ -4,7 +4,9 @@ Methods: "autoregressive" (plain greedy generate, the HF baseline), "prompt_look
 (prompt_lookup_num_tokens=10), "draft_model" (assistant_model=the draft, its restricted
 head widened to the full vocabulary). Target
 forward passes are counted with a forward pre-hook, so tau is known; HF does not
-report accepted/proposed counts, so the acceptance rate is left empty.
+report accepted/proposed counts, so the acceptance rate is left empty. A feature
+draft (it drafts from the target's hidden states) is not a model transformers can
+assist with: "draft_model" is then skipped, with a note.
 """
 
 from __future__ import annotations
@@ -79,7 +81,15 @@ class HfRunner:
         self.target = target
         self.tokenizer = tokenizer
         self.draft = draft
-        self.assistant = hf_assistant(draft) if draft is not None else None
+        usable = draft is not None and not draft.needs_target_hidden_states
+        self.assistant = hf_assistant(draft) if usable else None
+
+    def skip_reason(self, method: str) -> str | None:
+        """Why this runner cannot run `method` with its models, or None."""
+        if method == "draft_model" and self.draft is not None and self.draft.needs_target_hidden_states:
+            return ("transformers' assisted generation cannot use a feature draft "
+                    "(it drafts from the target's hidden states, which generate() does not pass to an assistant)")
+        return None
 
     def generate_kwargs(self, method: str) -> dict:
         if method == "autoregressive":
@@ -89,6 +99,8 @@ class HfRunner:
         if method == "draft_model":
             if self.draft is None:
                 raise ValueError("draft_model needs a draft model")
+            if self.assistant is None:
+                raise ValueError(self.skip_reason(method))
             return {"assistant_model": self.assistant}
         raise ValueError(f"unknown method {method!r}")
 

@@ -20,7 +20,7 @@ from specserve.core.proposers import PromptLookupProposer
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DecodeRequest, decode
 from specserve.core.text import IncrementalDetokenizer
-from specserve.runtime.local import LocalDraftProposer, LocalTargetSession
+from specserve.runtime.local import LocalTargetSession, local_draft_proposer
 from specserve.runtime.models import LoadedModel
 from specserve.v1 import orchestrator_pb2 as pb
 
@@ -63,7 +63,7 @@ class InProcessRunner:
         elif method == "draft_model":
             if self.draft is None:
                 raise ValueError("draft_model needs a draft model")
-            proposer = LocalDraftProposer(self.draft)
+            proposer = local_draft_proposer(self.draft)  # a feature draft's variant when it is one
         request = DecodeRequest(
             prompt=prompt_ids,
             sampling=SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens),
