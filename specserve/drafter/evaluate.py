@@ -1,8 +1,8 @@
 """In-process measurement of a drafter: greedy speculative decoding vs plain greedy.
 
-One loop, no services: the draft proposes K tokens (one forward each), the target
-scores [pending, d1..dK] in one forward and `accept_greedy` keeps the agreeing
-prefix plus one target token. Reports tau (tokens per target forward during
+One loop over the services' workers, no network: the draft proposes K tokens (one
+forward each), the target scores [pending, d1..dK] in one forward and keeps the
+agreeing prefix plus one target token. Reports tau (tokens per target forward during
 decoding, i.e. per verification), wall-time speedup against plain greedy decoding
 with the same target, the draft's and target's per-forward cost, and whether the
 outputs are token-identical (asserted in float32; bf16 reports a match rate,
@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specserve.core.acceptance import accept_greedy
+from specserve.core.sampling import SamplingConfig
+from specserve.core.speculate import DraftSequenceTracker
 from specserve.runtime.kv import KVSession
+from specserve.runtime.models import LoadedModel
+from specserve.runtime.workers import DraftWorker, FeatureDraftWorker, TargetWorker
 
 
 @dataclass
@@ -35,9 +38,9 @@ class Run:
     accepted: list[int] = field(default_factory=list)  # tokens produced per verification
 
 
-def plain_greedy(target, prompt: list[int], max_new: int, eos: set[int]) -> Run:
+def plain_greedy(target: LoadedModel, prompt: list[int], max_new: int, eos: set[int]) -> Run:
     began = time.perf_counter()
-    kv = KVSession(target)
+    kv = KVSession(target.model)
     token = int(kv.extend(prompt)[0].argmax())
     out = [token]
     while len(out) < max_new and token not in eos:
@@ -46,39 +49,38 @@ def plain_greedy(target, prompt: list[int], max_new: int, eos: set[int]) -> Run:
     return Run(out, time.perf_counter() - began, target_forwards=len(out) - 1)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def speculative_greedy(target, draft, prompt: list[int], max_new: int, eos: set[int], k: int) -> Run:
+def speculative_greedy(target: LoadedModel, draft: LoadedModel, prompt: list[int], max_new: int, eos: set[int], k: int) -> Run:
+    """The service workers in one loop: a token draft or a feature draft (which reads the
+    target's hidden states of every token added since its last call)."""
+    greedy = SamplingConfig()
+    features = draft.needs_target_hidden_states
+    verifier = TargetWorker(target)
+    drafter = FeatureDraftWorker(draft) if features else DraftWorker(draft)
     began = time.perf_counter()
-    tkv, dkv = KVSession(target), KVSession(draft)
-    vocab_ids = dkv.vocab_ids  # [V_out] or None
-    out = [int(tkv.extend(prompt)[0].argmax())]
-    drafted: list[int] = []  # tokens in the draft's cache
+    out = [verifier.start(prompt, greedy, 0, return_hidden_states=features)]
+    drafter.start(prompt, greedy, 1)
+    tracker = DraftSequenceTracker()
+    tracker.reset(prompt[:1] if features else prompt)
+    unsent = [verifier.last_hidden_states] if features else []  # [n, H] blocks not yet sent to the draft
     run = Run([], 0.0)
     while len(out) < max_new and out[-1] not in eos:
         seq = prompt + out  # the target's cache holds seq[:-1]; seq[-1] is pending
         t0 = time.perf_counter()
-        keep = min(common_prefix(drafted, seq), len(seq) - 1)
-        dkv.rollback(keep)
-        new = seq[keep:]
-        proposal: list[int] = []
-        for _ in range(min(k, max_new - len(out))):
-            logits = dkv.extend(new)[0]  # [V_out]
-            index = int(logits.argmax())
-            proposal.append(index if vocab_ids is None else int(vocab_ids[index]))
-            new = proposal[-1:]
-            run.draft_forwards += 1
-        drafted = seq + proposal[:-1]
+        committed, append = tracker.diff(seq)
+        passes = drafter.forward_passes
+        kk = min(k, max_new - len(out))
+        if features:
+            proposal, _ = drafter.propose(committed, append, kk, torch.cat(unsent))
+            unsent = []
+            tracker.record(seq, [])
+        else:
+            proposal, _ = drafter.propose(committed, append, kk)
+            tracker.record(seq, proposal)
+        run.draft_forwards += drafter.forward_passes - passes
         t1 = time.perf_counter()
-        committed = len(seq) - 1
-        logits = tkv.extend([seq[-1]] + proposal, logits_for=len(proposal) + 1)  # [k+1, V]
-        verdict = accept_greedy(logits, proposal)
-        tkv.rollback(committed + 1 + verdict.accepted)
+        verdict = verifier.verify(len(seq) - 1, [seq[-1]] + proposal, None)
+        if features:
+            unsent.append(verifier.last_hidden_states)
         run.target_forwards += 1
         run.draft_seconds += t1 - t0
         run.target_seconds += time.perf_counter() - t1
@@ -109,15 +111,15 @@ def evaluate(draft_dir: str, dtype: str = "bfloat16", ks: list[int] = (4,), max_
     report: dict = {"dtype": dtype, "prompts": len(prompts), "max_new": max_new, "threads": threads}
 
     # Warm up both models once (first calls allocate).
-    plain_greedy(target.model, prompts[0], 8, eos)
-    speculative_greedy(target.model, draft.model, prompts[0], 8, eos, 4)
-    plain = [plain_greedy(target.model, p, max_new, eos) for p in prompts]
+    plain_greedy(target, prompts[0], 8, eos)
+    speculative_greedy(target, draft, prompts[0], 8, eos, 4)
+    plain = [plain_greedy(target, p, max_new, eos) for p in prompts]
     plain_s = sum(r.seconds for r in plain)
     plain_tok = sum(len(r.tokens) for r in plain)
     report["plain"] = {"tokens": plain_tok, "seconds": round(plain_s, 2), "tok_per_s": round(plain_tok / plain_s, 2),
                        "ms_per_target_forward": round(1e3 * plain_s / sum(r.target_forwards + 1 for r in plain), 2)}
     for k in ks:
-        runs = [speculative_greedy(target.model, draft.model, p, max_new, eos, k) for p in prompts]
+        runs = [speculative_greedy(target, draft, p, max_new, eos, k) for p in prompts]
         steps = [a for r in runs for a in r.accepted]
         secs = sum(r.seconds for r in runs)
         toks = sum(len(r.tokens) for r in runs)
@@ -141,8 +143,8 @@ def check_exact(draft_dir: str, prompts: list[list[int]], max_new: int, k: int, 
     """Speculative output == plain greedy output, token for token, in float32."""
     from specserve.runtime.models import load_model
 
-    target = load_model("smollm2", dtype="float32").model
-    draft = load_model(draft_dir, dtype="float32").model
+    target = load_model("smollm2", dtype="float32")
+    draft = load_model(draft_dir, dtype="float32")
     ok = all(plain_greedy(target, p, max_new, eos).tokens == speculative_greedy(target, draft, p, max_new, eos, k).tokens
              for p in prompts)
     print(f"float32 exactness on {len(prompts)} prompts: {ok}", flush=True)

@@ -65,11 +65,13 @@ class FeatureDraft(nn.Module):
         use_cache: bool = True,
         logits_to_keep: int = 0,
         position_ids: torch.Tensor | None = None,  # [B, n]
+        attention_mask: torch.Tensor | None = None,  # [B, 1, n, past + n] for tree drafting
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [B, keep, V_out], predicted hidden states [B, n, H])."""
         embeds = self.embed_tokens(input_ids).to(target_hidden.dtype)  # [B, n, H]
         fused = self.fc(torch.cat([embeds, target_hidden], dim=-1))  # [B, n, H]
-        out = self.body(inputs_embeds=fused, past_key_values=past_key_values, use_cache=use_cache, position_ids=position_ids)
+        out = self.body(inputs_embeds=fused, past_key_values=past_key_values, use_cache=use_cache, position_ids=position_ids,
+                        attention_mask=attention_mask)
         predicted = out.last_hidden_state  # [B, n, H]
         kept = predicted[:, -logits_to_keep:] if logits_to_keep else predicted
         logits = kept @ self.head_weight().to(kept.dtype).T  # [B, keep, V_out]

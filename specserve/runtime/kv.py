@@ -43,6 +43,41 @@ class KVSession:
         logits = self.model.lm_head(hidden[-logits_for:])  # [logits_for, V]
         return logits.float().cpu(), hidden.cpu()
 
+    @torch.inference_mode()
+    def extend_masked(self, token_ids: list[int], positions: list[int], visible: torch.Tensor,
+                      module: torch.nn.Module | None = None, **inputs):
+        """Append tokens that do not form a chain (tree nodes): each new position i sits at
+        `positions[i]` and attends to every cached token before the `visible` block plus the
+        new tokens j with visible[i, j]. visible: [n, m] bool over the last m cache slots
+        after this call (m >= n: earlier tree nodes may be in it). Returns the model's output
+        of `module` (default: the model; e.g. its base `model.model` for hidden states).
+        Extra keyword inputs go to it (a feature draft's hidden states)."""
+        n, m = visible.shape
+        total = self.length + n
+        allowed = torch.ones(n, total, dtype=torch.bool)  # [n, total]
+        allowed[:, total - m:] = visible
+        dtype = next(self.model.parameters()).dtype
+        # A float mask is read the same way by every attention implementation.
+        mask = torch.zeros(1, 1, n, total, dtype=dtype, device=self.device)  # [1, 1, n, total]
+        mask.masked_fill_(~allowed.to(self.device), torch.finfo(dtype).min)
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, n]
+        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, n]
+        out = (module or self.model)(input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=self.cache,
+                         use_cache=True, **inputs)
+        self.length = total
+        return out
+
+    def keep(self, start: int, offsets: list[int]) -> None:
+        """Keep cache slots start + offsets[i] (ascending) at start + i and drop everything after:
+        the accepted path of a tree becomes a plain sequence."""
+        if offsets != list(range(len(offsets))):
+            index = torch.tensor([start + o for o in offsets], dtype=torch.long, device=self.device)
+            for layer in self.cache.layers:
+                # keys/values: [B, heads, S, head_dim]
+                layer.keys[:, :, start:start + len(offsets)] = layer.keys.index_select(2, index)
+                layer.values[:, :, start:start + len(offsets)] = layer.values.index_select(2, index)
+        self.rollback(start + len(offsets))
+
     def rollback(self, length: int) -> None:
         """Keep the first `length` tokens."""
         if not 0 <= length <= self.length:

@@ -6,12 +6,15 @@ directly. Token ids arrive unchecked from the network, so they are checked here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from specserve.core.acceptance import Verdict, accept_greedy, accept_rejection_sampling
 from specserve.core.distributions import to_sparse
 from specserve.core.errors import FailedPrecondition, InvalidArgument
 from specserve.core.sampling import SamplingConfig, make_generator, next_token, warp
+from specserve.core.tree import DraftTree, accept_greedy_tree, ancestor_mask
 from specserve.runtime.kv import KVSession
 from specserve.runtime.models import LoadedModel
 
@@ -98,6 +101,28 @@ class TargetWorker(_SessionBase):
             self.last_hidden_states = self.last_hidden_states[: 1 + verdict.accepted]  # [1 + accepted, H]
         return verdict
 
+    @torch.inference_mode()
+    def verify_tree(self, committed_len: int, pending: int, tree: DraftTree) -> Verdict:
+        """Scores the pending token and every node of a tree in one forward pass (tree attention)
+        and keeps the longest path the target agrees with. Greedy decoding only."""
+        self._check_started()
+        if not self.sampling.greedy:
+            raise InvalidArgument("tree: trees are verified greedily only; sampled requests propose chains")
+        if committed_len != self.kv.length:
+            raise FailedPrecondition(f"committed_len is {committed_len} but the session holds {self.kv.length} tokens")
+        token_ids = [pending, *tree.tokens]
+        self._check_tokens(token_ids, "token_ids", committed_len)
+        positions = [committed_len + d for d in [0, *tree.depths()]]
+        base = self.kv.model.model  # the decoder without its head: hidden states for every node
+        hidden = self.kv.extend_masked(token_ids, positions, ancestor_mask(tree), module=base).last_hidden_state[0]  # [n+1, H]
+        logits = self.kv.model.lm_head(hidden).float().cpu()  # [n+1, V]
+        verdict, path = accept_greedy_tree(logits, tree)
+        kept = [0] + [1 + i for i in path]  # the pending token and the accepted nodes
+        self.kv.keep(committed_len, kept)
+        if self.return_hidden_states:
+            self.last_hidden_states = hidden[kept].cpu()  # [1 + accepted, H]
+        return verdict
+
 
 class DraftWorker(_SessionBase):
     """Proposes k tokens autoregressively from a small model.
@@ -173,6 +198,73 @@ class FeatureDraftWorker(_SessionBase):
                 ) -> tuple[list[int], list[SparseRow] | None]:
         """hidden_states [len(token_ids), H]: the target's state before each new token."""
         self._check_started()
+        logits, predicted = self._true_pairs(committed_len, token_ids, hidden_states, k)
+        proposal: list[int] = []
+        rows: list[SparseRow] = []
+        for i in range(k):
+            token, row = _choose(logits, self.kv.vocab_ids, self.sampling, self.generator)
+            proposal.append(token)
+            if row is not None:
+                rows.append(row)
+            if i < k - 1:
+                logits, predicted = self._forward([token], predicted[-1:])
+        return proposal, (None if self.sampling.greedy else rows)
+
+    def propose_tree(self, committed_len: int, token_ids: list[int], hidden_states: torch.Tensor | None,
+                     shape: TreeShape) -> DraftTree:
+        """A tree of candidate continuations, greedy decoding (see `TreeShape`).
+
+        Depth by depth, the `width` most probable nodes (by the draft's probability of the
+        whole path) are expanded, each into its `branch` most probable next tokens, in one
+        forward pass per depth with tree attention; the tree is the `nodes` most probable
+        nodes found (a node is never likelier than its parent, so it comes with its path).
+        """
+        self._check_started()
+        if not self.sampling.greedy:
+            raise InvalidArgument("tree: trees are drafted for greedy decoding only")
+        logits, predicted = self._true_pairs(committed_len, token_ids, hidden_states, shape.depth)
+        base = self.kv.length  # pairs in the cache; the root's pair is the last
+        nodes: list[_Node] = []
+        frontier = self._children(nodes, -1, logits, 0.0, shape.branch)
+        fed: list[int] = []  # node index of each speculative cache slot after `base`
+        for _ in range(shape.depth - 1):
+            frontier = sorted(frontier, key=lambda i: -nodes[i].score)[: shape.width]
+            inputs = torch.stack([predicted[-1] if nodes[i].parent < 0 else nodes[nodes[i].parent].feature for i in frontier])  # [f, H]
+            slots = {node: slot for slot, node in enumerate(fed + frontier)}
+            visible = torch.zeros(len(frontier), len(slots), dtype=torch.bool)  # [f, m]
+            for row, i in enumerate(frontier):
+                for j in _path(nodes, i):
+                    visible[row, slots[j]] = True
+            positions = [base - 1 + nodes[i].depth for i in frontier]
+            with torch.inference_mode():
+                out_logits, out_states = self.kv.extend_masked(
+                    [nodes[i].token for i in frontier], positions, visible, module=self.kv.model,
+                    target_hidden=inputs[None].to(self.loaded.dtype))  # [1, f, V_out], [1, f, H]
+            self.forward_passes += 1
+            fed += frontier
+            children: list[int] = []
+            for row, i in enumerate(frontier):
+                nodes[i].feature = out_states[0, row]
+                children += self._children(nodes, i, out_logits[0, row].float(), nodes[i].score, shape.branch)
+            frontier = children
+        return _select(nodes, shape.nodes)
+
+    def _children(self, nodes: list[_Node], parent: int, logits: torch.Tensor, score: float, branch: int) -> list[int]:
+        """Adds the `branch` most probable next tokens after `parent` as nodes; their indices."""
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [V_out]
+        values, indices = logp.topk(branch)
+        vocab_ids = self.kv.vocab_ids
+        depth = 1 if parent < 0 else nodes[parent].depth + 1
+        added = []
+        for value, index in zip(values.tolist(), indices.tolist()):
+            token = index if vocab_ids is None else int(vocab_ids[index])
+            nodes.append(_Node(token, parent, score + value, depth))
+            added.append(len(nodes) - 1)
+        return added
+
+    def _true_pairs(self, committed_len: int, token_ids: list[int], hidden_states: torch.Tensor | None, k: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checks a propose op, brings the cache up to date with true pairs; (logits [V_out], predicted [n, H])."""
         if not 1 <= committed_len <= len(self.held):
             raise FailedPrecondition(f"committed_len is {committed_len} but the draft holds {len(self.held)} tokens with hidden states")
         if k < 1:
@@ -187,17 +279,7 @@ class FeatureDraftWorker(_SessionBase):
             raise InvalidArgument("num_tokens: the proposals would exceed the draft's context window")
         self.held = self.held[:committed_len] + list(token_ids)
         self.kv.rollback(min(self.kv.length, committed_len - 1))  # pairs are one fewer than tokens
-        logits, predicted = self._forward(list(token_ids), hidden_states)
-        proposal: list[int] = []
-        rows: list[SparseRow] = []
-        for i in range(k):
-            token, row = _choose(logits, self.kv.vocab_ids, self.sampling, self.generator)
-            proposal.append(token)
-            if row is not None:
-                rows.append(row)
-            if i < k - 1:
-                logits, predicted = self._forward([token], predicted[-1:])
-        return proposal, (None if self.sampling.greedy else rows)
+        return self._forward(list(token_ids), hidden_states)
 
     @torch.inference_mode()
     def _forward(self, token_ids: list[int], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,3 +303,44 @@ def _choose(logits: torch.Tensor, vocab_ids: torch.Tensor | None, sampling: Samp
     index = int(torch.multinomial(probs, 1, generator=generator).item())
     token = index if vocab_ids is None else int(vocab_ids[index])
     return token, to_sparse(probs, vocab_ids)
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """How a feature draft grows a tree: `depth` levels, the `width` likeliest nodes of a
+    level expanded into their `branch` likeliest children, the `nodes` likeliest kept."""
+
+    depth: int = 5
+    width: int = 4
+    branch: int = 4
+    nodes: int = 16
+
+
+@dataclass
+class _Node:
+    token: int
+    parent: int  # node index, -1 for a child of the root
+    score: float  # log-probability of the path from the root, under the draft
+    depth: int
+    feature: torch.Tensor | None = None  # [H] the draft's prediction after this node, once expanded
+
+
+def _path(nodes: list[_Node], node: int) -> list[int]:
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = nodes[node].parent
+    return path
+
+
+def _select(nodes: list[_Node], limit: int) -> DraftTree:
+    """The `limit` likeliest nodes with their ancestors, parents before children."""
+    ranked = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, nodes[i].depth))
+    chosen: set[int] = set()
+    for i in ranked:
+        if len(chosen) >= limit:
+            break
+        chosen.update(_path(nodes, i))
+    order = sorted(chosen, key=lambda i: (nodes[i].depth, -nodes[i].score))
+    index = {node: position for position, node in enumerate(order)}
+    return DraftTree([nodes[i].token for i in order], [index[nodes[i].parent] if nodes[i].parent >= 0 else -1 for i in order])
