@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from specserve.core.errors import InvalidArgument
+from specserve.core.errors import FailedPrecondition, InvalidArgument
+from specserve.core.tree import TreeShape
 from specserve.runtime.workers import DraftWorker, FeatureDraftWorker
 from specserve.serving import hidden_states
 from specserve.serving.model_host import SessionServicer, sampling_from_proto
@@ -25,6 +26,19 @@ class DraftServicer(SessionServicer, draft_pb2_grpc.DraftServiceServicer):
         if op == "start":
             start = request.start
             await self.host.run(worker.start, list(start.prompt_token_ids), sampling_from_proto(start.sampling), start.seed)
+        elif op == "propose" and request.propose.HasField("tree"):
+            propose = request.propose
+            if not isinstance(worker, FeatureDraftWorker):
+                raise FailedPrecondition("tree: the hosted draft is a token draft, which proposes chains only; "
+                                         "trees need a feature draft (ModelInfo.needs_target_hidden_states)")
+            t = propose.tree
+            shape = TreeShape(depth=t.depth, width=t.width, branch=t.branch, nodes=t.nodes)
+            shape.check("tree")
+            sent = propose.HasField("hidden_states")
+            hidden = hidden_states.from_proto(propose.hidden_states) if sent else None  # [len(token_ids), H]
+            tree = await self.host.run(worker.propose_tree, propose.committed_len, list(propose.token_ids), hidden, shape)
+            response.token_ids.extend(tree.tokens)
+            response.parents.extend(tree.parents)
         elif op == "propose":
             propose = request.propose
             args = [propose.committed_len, list(propose.token_ids), propose.num_tokens]

@@ -10,6 +10,7 @@ from orchestrator import requests
 from orchestrator.ngram_pool import NgramPool
 from orchestrator.servicer import OrchestratorServicer, Upstreams
 from orchestrator.upstream import open_channel, wait_for_info
+from specserve.core.tree import MAX_TREE_NODES, TreeShape
 from specserve.runtime.models import DEFAULT_MODEL, load_tokenizer
 from specserve.serving.grpc_server import run_server
 from specserve.serving.options import env_default
@@ -36,16 +37,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="limit on max_new_tokens [env SPECSERVE_MAX_NEW_TOKENS]")
     parser.add_argument("--max-speculative-tokens", type=int, default=env_default("SPECSERVE_MAX_SPECULATIVE_TOKENS", 32),
                         help="limit on num_speculative_tokens [env SPECSERVE_MAX_SPECULATIVE_TOKENS]")
+    parser.add_argument("--tree-nodes", type=int, default=env_default("SPECSERVE_TREE_NODES", TreeShape.nodes),
+                        help=f"a feature draft's trees for greedy requests: nodes at most, in [0, {MAX_TREE_NODES}], 0 = chains; "
+                             "a request's speculation.tree_nodes overrides it [env SPECSERVE_TREE_NODES]")
+    parser.add_argument("--tree-width", type=int, default=env_default("SPECSERVE_TREE_WIDTH", TreeShape.width),
+                        help="nodes of a tree level expanded further [env SPECSERVE_TREE_WIDTH]")
+    parser.add_argument("--tree-branch", type=int, default=env_default("SPECSERVE_TREE_BRANCH", TreeShape.branch),
+                        help="children drafted per expanded node [env SPECSERVE_TREE_BRANCH]")
 
 
 def run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s orchestrator %(levelname)s %(message)s")
+    try:
+        limits = requests.Limits(
+            max_new_tokens=args.max_new_tokens,
+            max_speculative_tokens=args.max_speculative_tokens,
+            default_method=METHODS[args.default_method],
+            tree_nodes=args.tree_nodes,
+            tree_width=args.tree_width,
+            tree_branch=args.tree_branch,
+        )
+    except ValueError as error:
+        raise SystemExit(f"orchestrator: {error} (--tree-nodes, --tree-width, --tree-branch)") from None
     tokenizer = load_tokenizer(args.tokenizer)
-    limits = requests.Limits(
-        max_new_tokens=args.max_new_tokens,
-        max_speculative_tokens=args.max_speculative_tokens,
-        default_method=METHODS[args.default_method],
-    )
     asyncio.run(_serve(args, tokenizer, limits))
 
 

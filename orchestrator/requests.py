@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from specserve.core.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from specserve.core.sampling import SamplingConfig
+from specserve.core.tree import MAX_TREE_NODES, TreeShape
 from specserve.v1 import orchestrator_pb2 as pb
 
 METHOD_NAMES = {value: name for name, value in pb.Method.items()}
@@ -25,6 +26,21 @@ class Limits:
     default_method: int = pb.PROMPT_LOOKUP
     # Starting K per method when the request gives none.
     default_k: dict[int, int] = field(default_factory=lambda: {pb.DRAFT_MODEL: 4, pb.PROMPT_LOOKUP: 8})
+    # Trees a feature draft drafts for greedy requests (depth: the step's K): nodes when
+    # the request gives none (0: chains), and how a tree grows (see TreeShape).
+    tree_nodes: int = TreeShape.nodes
+    tree_width: int = TreeShape.width
+    tree_branch: int = TreeShape.branch
+
+    def __post_init__(self) -> None:
+        for name, low in (("tree_nodes", 0), ("tree_width", 1), ("tree_branch", 1)):
+            value = getattr(self, name)
+            if not low <= value <= MAX_TREE_NODES:
+                raise ValueError(f"{name} must be in [{low}, {MAX_TREE_NODES}], got {value}")
+
+    def tree_shape(self, nodes: int) -> TreeShape | None:
+        """The shape of trees of `nodes` nodes (depth set per step); None (chains) for 0."""
+        return TreeShape(width=self.tree_width, branch=self.tree_branch, nodes=nodes) if nodes else None
 
 
 @dataclass(frozen=True)
@@ -35,6 +51,7 @@ class Job:
     method: int
     k: int  # starting speculation length (0 for AUTOREGRESSIVE)
     fixed_length: bool
+    tree_nodes: int = 0  # nodes of a feature draft's trees for greedy requests; 0: chains
 
 
 def tokenize(request: pb.GenerateRequest, tokenizer) -> list[int]:
@@ -58,6 +75,7 @@ def tokenize(request: pb.GenerateRequest, tokenizer) -> list[int]:
 def parse(request: pb.GenerateRequest, tokenizer, limits: Limits, max_context_tokens: int, has_draft: bool) -> Job:
     sampling = _sampling(request.sampling, limits)
     method, k, fixed = _speculation(request.speculation, limits, has_draft)
+    tree_nodes = _tree_nodes(request.speculation, limits)
     prompt_ids = tokenize(request, tokenizer)
     if not prompt_ids:
         raise InvalidArgument("prompt: tokenizes to no tokens")
@@ -66,7 +84,7 @@ def parse(request: pb.GenerateRequest, tokenizer, limits: Limits, max_context_to
             f"prompt: {len(prompt_ids)} tokens leave no room in the context window of {max_context_tokens} tokens"
         )
     seed = request.sampling.seed if request.sampling.HasField("seed") else None
-    return Job(prompt_ids, sampling, seed, method, k, fixed)
+    return Job(prompt_ids, sampling, seed, method, k, fixed, tree_nodes)
 
 
 def _sampling(params, limits: Limits) -> SamplingConfig:
@@ -83,6 +101,14 @@ def _sampling(params, limits: Limits) -> SamplingConfig:
     return SamplingConfig(
         temperature=params.temperature, top_p=top_p, top_k=params.top_k, max_new_tokens=max_new, stop=tuple(params.stop)
     )
+
+
+def _tree_nodes(params, limits: Limits) -> int:
+    if not params.HasField("tree_nodes"):
+        return limits.tree_nodes
+    if params.tree_nodes > MAX_TREE_NODES:
+        raise InvalidArgument(f"speculation.tree_nodes: must be in [0, {MAX_TREE_NODES}] (0: chains), got {params.tree_nodes}")
+    return params.tree_nodes
 
 
 def _speculation(params, limits: Limits, has_draft: bool) -> tuple[int, int, bool]:

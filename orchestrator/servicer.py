@@ -113,9 +113,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             info = self.upstreams.draft_info
             if info is None:
                 raise Unavailable("the draft service has not answered yet; retry shortly")
-            # A feature draft drafts from the target's hidden states, which the loop then asks for.
-            remote = RemoteFeatureDraftProposer if info.needs_target_hidden_states else RemoteDraftProposer
-            return remote(self.upstreams.draft)
+            # A feature draft drafts from the target's hidden states, which the loop then asks for,
+            # and trees for greedy requests (unless the request's tree_nodes is 0).
+            if info.needs_target_hidden_states:
+                return RemoteFeatureDraftProposer(self.upstreams.draft, self.limits.tree_shape(job.tree_nodes))
+            return RemoteDraftProposer(self.upstreams.draft)
         if job.method == pb.PROMPT_LOOKUP:
             # The pool changes with other traffic, and different proposals consume the
             # random stream differently: a seeded sampling request skips it so that it

@@ -16,6 +16,7 @@ from specserve.core.acceptance import Verdict
 from specserve.core.errors import Unavailable
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DraftSequenceTracker, Proposal
+from specserve.core.tree import TreeShape
 from specserve.serving import hidden_states
 from specserve.serving.grpc_server import CHANNEL_OPTIONS, UpstreamError
 from specserve.v1 import common_pb2, draft_pb2, draft_pb2_grpc, model_service_pb2, target_pb2, target_pb2_grpc
@@ -88,9 +89,10 @@ class RemoteTargetSession:
         response = await self._request(target_pb2.TargetRequest(op_id=self.stream.op_id(), start=start))
         return response.token_ids[0]
 
-    async def verify(self, committed_len: int, tokens: list[int], draft_probs) -> Verdict:
+    async def verify(self, committed_len: int, tokens: list[int], draft_probs, parents: list[int] | None = None) -> Verdict:
         # draft_probs are the draft service's SparseDistribution messages, forwarded as they came.
-        verify = target_pb2.TargetVerify(committed_len=committed_len, token_ids=tokens, draft_probs=draft_probs or [])
+        verify = target_pb2.TargetVerify(committed_len=committed_len, token_ids=tokens, draft_probs=draft_probs or [],
+                                         parents=parents or [])
         response = await self._request(target_pb2.TargetRequest(op_id=self.stream.op_id(), verify=verify))
         self.last_compute_ms = response.compute_ms
         return Verdict(response.accepted, list(response.token_ids))
@@ -130,7 +132,7 @@ class RemoteDraftProposer:
         response = await self.stream.request(draft_pb2.DraftRequest(op_id=self.stream.op_id(), propose=propose))
         self.forward_passes += response.forward_passes
         self.last_compute_ms = response.compute_ms
-        return Proposal(list(response.token_ids), list(response.probs) or None)
+        return Proposal(list(response.token_ids), list(response.probs) or None, list(response.parents) or None)
 
     def close(self) -> None:
         if self.stream is not None:
@@ -140,17 +142,23 @@ class RemoteDraftProposer:
 class RemoteFeatureDraftProposer(RemoteDraftProposer):
     """A feature draft service: each propose sends the tokens since the last one with
     the target's hidden states received since then (one row per token), the
-    messages' bytes joined as they came."""
+    messages' bytes joined as they came.
+
+    With a tree shape (nodes > 0), greedy requests get trees of depth k in that shape;
+    sampled requests, and every request without a shape, get chains."""
 
     needs_target_hidden_states = True
 
-    def __init__(self, stub: draft_pb2_grpc.DraftServiceStub):
+    def __init__(self, stub: draft_pb2_grpc.DraftServiceStub, tree: TreeShape | None = None):
         super().__init__(stub)
         self.pending: list[common_pb2.HiddenStates] = []  # not yet sent, in order
+        self.tree = tree if tree is not None and tree.nodes > 0 else None
+        self.drafts_trees = False  # decided per request, at start
 
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
         await super().start(prompt, sampling, seed)
         self.tracker.reset(prompt[:1])  # the rest of the prompt arrives with the target's hidden states
+        self.drafts_trees = self.tree is not None and sampling.greedy
 
     def observe_target_hidden_states(self, hidden: common_pb2.HiddenStates | None) -> None:
         if hidden is None:
@@ -161,7 +169,9 @@ class RemoteFeatureDraftProposer(RemoteDraftProposer):
         committed, append = self.tracker.diff(sequence)
         joined = hidden_states.concat(self.pending)  # [len(append), H]
         self.pending = []
-        proposal = await self._propose(draft_pb2.DraftPropose(committed_len=committed, token_ids=append, num_tokens=k,
-                                                              hidden_states=joined))
+        propose = draft_pb2.DraftPropose(committed_len=committed, token_ids=append, num_tokens=k, hidden_states=joined)
+        if self.drafts_trees:
+            propose.tree.CopyFrom(draft_pb2.TreeShape(depth=k, width=self.tree.width, branch=self.tree.branch, nodes=self.tree.nodes))
+        proposal = await self._propose(propose)
         self.tracker.record(sequence, [])  # proposals are not kept
         return proposal

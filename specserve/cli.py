@@ -39,7 +39,7 @@ def _request(args: argparse.Namespace, prompt: str, method: str | None):
     return build_request(
         prompt=prompt if args.raw else None, messages=messages, method=method, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
-        num_speculative_tokens=args.num_speculative_tokens,
+        num_speculative_tokens=args.num_speculative_tokens, tree_nodes=getattr(args, "request_tree_nodes", None),
     )
 
 
@@ -66,6 +66,17 @@ def _stack_flags(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per service, 0 = torch's default (use 1 when the cores are shared with other work)")
     parser.add_argument("--log-dir", type=Path, default=None, help="write each service's log here")
+    add_tree_flags(parser)
+
+
+def add_tree_flags(parser: argparse.ArgumentParser) -> None:
+    """The tree shape a feature draft drafts for greedy requests (depth: the step's K)."""
+    from specserve.core.tree import TreeShape
+
+    parser.add_argument("--tree-nodes", type=int, default=TreeShape.nodes,
+                        help="nodes of a feature draft's trees for greedy requests, 0 = chains")
+    parser.add_argument("--tree-width", type=int, default=TreeShape.width, help="nodes of a tree level expanded further")
+    parser.add_argument("--tree-branch", type=int, default=TreeShape.branch, help="children drafted per expanded node")
 
 
 def _stack_config(args: argparse.Namespace):
@@ -73,7 +84,7 @@ def _stack_config(args: argparse.Namespace):
 
     return StackConfig(target_model=args.target_model, draft_model=args.draft_model or None, dtype=args.dtype,
                        port=args.port, redis=args.redis, default_method=args.default_method, threads=args.threads,
-                       log_dir=args.log_dir)
+                       log_dir=args.log_dir, tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -133,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--address", default="127.0.0.1:50051")
     _add_generation_flags(p)
+    p.add_argument("--tree-nodes", dest="request_tree_nodes", type=int, default=None,
+                   help="nodes of a feature draft's trees (greedy only), 0 = chains; default: the server's")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="start the stack, stream one generation with its stats and speedup, stop")

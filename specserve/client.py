@@ -25,6 +25,7 @@ def build_request(
     stop: list[str] | None = None,
     num_speculative_tokens: int | None = None,
     fixed_length: bool = False,
+    tree_nodes: int | None = None,
 ) -> pb.GenerateRequest:
     sampling = common_pb2.SamplingParams(temperature=temperature, top_k=top_k, stop=stop or [])
     if max_new_tokens is not None:
@@ -36,6 +37,8 @@ def build_request(
     speculation = pb.SpeculationParams(method=METHODS[method] if method else 0, fixed_length=fixed_length)
     if num_speculative_tokens is not None:
         speculation.num_speculative_tokens = num_speculative_tokens
+    if tree_nodes is not None:
+        speculation.tree_nodes = tree_nodes
     return pb.GenerateRequest(
         prompt=prompt or "",
         messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages or []],

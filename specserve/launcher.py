@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from specserve.core.tree import TreeShape
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -51,6 +53,10 @@ class StackConfig:
     redis: str = "auto"  # "auto": start redis-server if installed; "off"; or a redis:// URL
     default_method: str = "prompt_lookup"
     threads: int = 0
+    # A feature draft's trees for greedy requests (the orchestrator's --tree-* flags; 0 nodes: chains).
+    tree_nodes: int = TreeShape.nodes
+    tree_width: int = TreeShape.width
+    tree_branch: int = TreeShape.branch
     extra_env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None  # None: services log to this process's stderr
 
@@ -107,7 +113,8 @@ class Stack:
         orchestrator = self._spawn("orchestrator", [
             py, "-m", "orchestrator", "--port", str(port), "--target", self.target_address,
             "--draft", self.draft_address, "--tokenizer", c.tokenizer or c.target_model, "--redis-url", self.redis_url,
-            "--default-method", c.default_method,
+            "--default-method", c.default_method, "--tree-nodes", str(c.tree_nodes), "--tree-width", str(c.tree_width),
+            "--tree-branch", str(c.tree_branch),
         ])
         wait_serving(self.target_address, 600, target)
         if draft is not None:

@@ -6,6 +6,7 @@ import time
 
 from specserve.core.distributions import to_dense
 from specserve.core.errors import InvalidArgument
+from specserve.core.tree import split_tree
 from specserve.runtime.workers import TargetWorker
 from specserve.serving import hidden_states
 from specserve.serving.model_host import SessionServicer, sampling_from_proto
@@ -23,6 +24,11 @@ class TargetServicer(SessionServicer, target_pb2_grpc.TargetServiceServicer):
             token = await self.host.run(worker.start, list(start.prompt_token_ids), sampling_from_proto(start.sampling),
                                         start.seed, start.return_hidden_states)
             tokens, accepted = [token], 0
+        elif op == "verify" and request.verify.parents:
+            verify = request.verify
+            pending, tree = split_tree(list(verify.token_ids), list(verify.parents))  # greedy: draft_probs are ignored
+            verdict = await self.host.run(worker.verify_tree, verify.committed_len, pending, tree)
+            tokens, accepted = verdict.tokens, verdict.accepted
         elif op == "verify":
             verify = request.verify
             draft_probs = None

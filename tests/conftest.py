@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random models with SmolLM2's tokenizer, a real Redis, a real stack."""
+"""Shared fixtures: tiny random models with SmolLM2's tokenizer, feature drafts for the tiny
+target, a real Redis, real stacks (a token draft's and a feature draft's)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,60 @@ def tiny_stack(tiny_target_dir, tiny_draft_dir, redis_url, tmp_path_factory):
         target_model=str(tiny_target_dir), draft_model=str(tiny_draft_dir), dtype="float32", port=0,
         redis=redis_url, default_method="prompt_lookup", threads=1,
         log_dir=tmp_path_factory.mktemp("tiny-stack-logs"),
+    )
+    with Stack(config) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def feature_draft_dir(tiny_target, tiny_target_dir, tmp_path_factory):
+    """A feature draft for the tiny target, as built before training: every 2nd token plus EOS."""
+    from specserve.drafter.feature_model import build_feature_draft, save_feature_draft
+
+    vocab_ids = torch.unique(torch.cat([torch.arange(0, VOCAB, 2), torch.tensor(sorted(tiny_target.eos_token_ids))]))  # [V_out]
+    directory = tmp_path_factory.mktemp("tiny-feature-draft")
+    save_feature_draft(build_feature_draft(tiny_target.model, vocab_ids), directory, target_spec=str(tiny_target_dir))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def feature_draft(feature_draft_dir):
+    return load_model(str(feature_draft_dir), "float32")
+
+
+@pytest.fixture(scope="session")
+def agreeing_pair(tmp_path_factory):
+    """(target, feature draft) that agree: a one-layer target whose attention output is zero,
+    so its hidden state at a position depends on that position's token alone, and a draft
+    that computes exactly that (its input is the token's embedding, its body the target's
+    layer). Weights are rounded to bfloat16 first, so the draft's bfloat16 file is exact."""
+    from specserve.drafter.feature_model import build_feature_draft, save_feature_draft
+
+    directory = build_tiny_model(tmp_path_factory.mktemp("agreeing-target"), seed=3, layers=1)
+    model = load_model(str(directory)).model
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        for parameter in model.parameters():
+            parameter.copy_(parameter.to(torch.bfloat16).float())
+    model.save_pretrained(directory)
+    target = load_model(str(directory))
+    draft = build_feature_draft(target.model, torch.arange(VOCAB))
+    hidden = target.model.config.hidden_size
+    with torch.no_grad():
+        draft.fc.weight.zero_()  # [H, 2H] over [embed ; target hidden]
+        draft.fc.weight[:, :hidden].copy_(torch.eye(hidden))
+    draft_dir = tmp_path_factory.mktemp("agreeing-draft")
+    save_feature_draft(draft, draft_dir, target_spec=str(directory))
+    return target, load_model(str(draft_dir))
+
+
+@pytest.fixture(scope="session")
+def feature_stack(tiny_target_dir, feature_draft_dir, tmp_path_factory):
+    """Target, feature draft and orchestrator on loopback, fp32, DRAFT_MODEL by default, trees
+    of the default shape for greedy requests (test_feature_draft.py, test_tree.py)."""
+    config = StackConfig(
+        target_model=str(tiny_target_dir), draft_model=str(feature_draft_dir), dtype="float32", port=0,
+        redis="off", default_method="draft_model", threads=1, log_dir=tmp_path_factory.mktemp("feature-stack-logs"),
     )
     with Stack(config) as stack:
         yield stack

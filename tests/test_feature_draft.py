@@ -14,55 +14,13 @@ from specserve.client import build_request, connect, generate
 from specserve.core.adaptive import SpeculationLength
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DecodeRequest, decode
-from specserve.drafter.feature_model import build_feature_draft, save_feature_draft
-from specserve.launcher import Stack, StackConfig
 from specserve.runtime.local import LocalFeatureDraftProposer, LocalTargetSession, local_draft_proposer
-from specserve.runtime.models import load_model
 from specserve.serving import hidden_states
 from specserve.v1 import common_pb2, draft_pb2, draft_pb2_grpc, model_service_pb2, target_pb2, target_pb2_grpc
 from specserve.v1 import orchestrator_pb2 as pb
-from conftest import VOCAB, build_tiny_model
 
 PROMPTS = [[1, 504, 3000, 77, 504, 3000], list(range(100, 160))]
 TEXT_PROMPTS = ["The quick brown fox jumps over the lazy dog. The quick brown fox", "Once upon a time"]
-
-
-@pytest.fixture(scope="session")
-def feature_draft_dir(tiny_target, tiny_target_dir, tmp_path_factory):
-    """A feature draft for the tiny target, as built before training: every 2nd token plus EOS."""
-    vocab_ids = torch.unique(torch.cat([torch.arange(0, VOCAB, 2), torch.tensor(sorted(tiny_target.eos_token_ids))]))  # [V_out]
-    directory = tmp_path_factory.mktemp("tiny-feature-draft")
-    save_feature_draft(build_feature_draft(tiny_target.model, vocab_ids), directory, target_spec=str(tiny_target_dir))
-    return directory
-
-
-@pytest.fixture(scope="module")
-def feature_draft(feature_draft_dir):
-    return load_model(str(feature_draft_dir), "float32")
-
-
-@pytest.fixture(scope="module")
-def agreeing_pair(tmp_path_factory):
-    """(target, feature draft) that agree: a one-layer target whose attention output is zero,
-    so its hidden state at a position depends on that position's token alone, and a draft
-    that computes exactly that (its input is the token's embedding, its body the target's
-    layer). Weights are rounded to bfloat16 first, so the draft's bfloat16 file is exact."""
-    directory = build_tiny_model(tmp_path_factory.mktemp("agreeing-target"), seed=3, layers=1)
-    model = load_model(str(directory)).model
-    with torch.no_grad():
-        model.model.layers[0].self_attn.o_proj.weight.zero_()
-        for parameter in model.parameters():
-            parameter.copy_(parameter.to(torch.bfloat16).float())
-    model.save_pretrained(directory)
-    target = load_model(str(directory))
-    draft = build_feature_draft(target.model, torch.arange(VOCAB))
-    hidden = target.model.config.hidden_size
-    with torch.no_grad():
-        draft.fc.weight.zero_()  # [H, 2H] over [embed ; target hidden]
-        draft.fc.weight[:, :hidden].copy_(torch.eye(hidden))
-    draft_dir = tmp_path_factory.mktemp("agreeing-draft")
-    save_feature_draft(draft, draft_dir, target_spec=str(directory))
-    return target, load_model(str(draft_dir))
 
 
 def run(target, proposer, prompt, k=None, fixed=True, temperature=0.0, seed=0, max_new=30):
@@ -161,16 +119,6 @@ def test_hidden_states_messages_round_trip():
 
 
 # Over gRPC -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def feature_stack(tiny_target_dir, feature_draft_dir, tmp_path_factory):
-    config = StackConfig(
-        target_model=str(tiny_target_dir), draft_model=str(feature_draft_dir), dtype="float32", port=0,
-        redis="off", default_method="draft_model", threads=1, log_dir=tmp_path_factory.mktemp("feature-stack-logs"),
-    )
-    with Stack(config) as stack:
-        yield stack
 
 
 @pytest.fixture(scope="module")

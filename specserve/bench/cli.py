@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sim-accept", type=float, default=0.8, help="simulated draft's per-proposal acceptance probability")
     parser.add_argument("--sim-draft-ratio", type=float, default=0.1, help="simulated draft step time / target step time")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    from specserve.cli import add_tree_flags
+
+    add_tree_flags(parser)  # the stack's and the in-process engine's, alike
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,7 +131,8 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
     if "distributed" in modes:
         stack = resources.enter_context(Stack(StackConfig(
             target_model=args.target_model, draft_model=draft_model if "draft_model" in methods else None, dtype=args.dtype,
-            port=0, redis=args.redis, default_method="autoregressive", threads=args.threads, log_dir=out / "logs")))
+            port=0, redis=args.redis, default_method="autoregressive", threads=args.threads, log_dir=out / "logs",
+            tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch)))
         address = stack.address
         runner = DistributedRunner(address)
         resources.callback(runner.close)
@@ -141,7 +145,10 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
         draft = load_model(draft_model, args.dtype) if "draft_model" in methods else None
         tokenizer = load_tokenizer(args.target_model)
         if "in_process" in modes:
-            runners.append(InProcessRunner(target, draft, tokenizer))
+            from orchestrator.requests import Limits
+
+            limits = Limits(tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch)
+            runners.append(InProcessRunner(target, draft, tokenizer, limits))
         if "hf" in modes:
             runners.append(HfRunner(target, tokenizer, draft))
     jobs = _warm_up(runners, methods, prompts[0], notes)
@@ -221,4 +228,5 @@ def _meta(args, prompts, methods, draft_model) -> dict:
         "prompts": [p.prompt_id for p in prompts],
         "max_new_tokens": args.max_new_tokens,
         "threads": args.threads,
+        "tree": {"nodes": args.tree_nodes, "width": args.tree_width, "branch": args.tree_branch},
     }

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from specserve.core.acceptance import Verdict
 from specserve.core.adaptive import SpeculationLength
 from specserve.core.sampling import SamplingConfig
+from specserve.core.tree import DraftTree
 
 
 class Finish(enum.Enum):
@@ -31,6 +32,15 @@ class Proposal:
     # session takes (a [k, V] tensor in process, protobuf messages over gRPC);
     # None for greedy decoding or a deterministic proposer.
     probs: Any = None
+    # A tree instead of a chain: the parent of each token (-1: a child of the pending
+    # token, else an earlier index; see core.tree). None (or empty) for a chain.
+    # Trees are verified greedily only, so a proposer drafts them for greedy requests.
+    parents: list[int] | None = None
+
+    @property
+    def depth(self) -> int:
+        """The most tokens one verification can accept: a chain's length, a tree's depth."""
+        return DraftTree(self.tokens, self.parents).depth if self.parents else len(self.tokens)
 
 
 class TargetSession(Protocol):
@@ -42,8 +52,10 @@ class TargetSession(Protocol):
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> int:
         """Prefill the prompt; return the first generated token."""
 
-    async def verify(self, committed_len: int, tokens: list[int], draft_probs: Any) -> Verdict:
-        """Score [pending, d1..dk] and apply the acceptance rule."""
+    async def verify(self, committed_len: int, tokens: list[int], draft_probs: Any, parents: list[int] | None = None) -> Verdict:
+        """Score [pending, d1..dk] and apply the acceptance rule. With parents (non-empty),
+        d1..dk are a tree's nodes (Proposal.parents), verified greedily: the verdict holds
+        the accepted path's tokens, then the target's token after it."""
 
 
 class Proposer(Protocol):
@@ -59,14 +71,15 @@ class Proposer(Protocol):
         """Prepare for a request (e.g. prefill a draft model)."""
 
     async def propose(self, sequence: list[int], k: int) -> Proposal:
-        """Propose up to k tokens to follow sequence (prompt + output so far)."""
+        """Propose up to k tokens to follow sequence (prompt + output so far), or a tree
+        of depth at most k (any number of nodes) when the proposer drafts trees."""
 
 
 @dataclass(frozen=True)
 class StepRecord:
     wall_ms: float  # propose + verify as the loop saw it
     compute_ms: float  # of which the models computed
-    proposed: int
+    proposed: int  # tokens sent for verification: a chain's length, or a tree's node count
     accepted: int
 
 
@@ -74,7 +87,7 @@ class StepRecord:
 class DecodeStats:
     target_forward_passes: int = 0
     decode_steps: int = 0  # target forward passes after prefill
-    proposed_tokens: int = 0
+    proposed_tokens: int = 0  # tokens sent for verification; every node of a tree counts
     accepted_tokens: int = 0
     generated_tokens: int = 0
     steps: list[StepRecord] | None = None  # filled when not None
@@ -131,12 +144,14 @@ async def decode(target: TargetSession, proposer: Proposer | None, request: Deco
         step_began = time.perf_counter()
         proposal, draft_ms = Proposal([]), 0.0
         if proposer is not None and request.speculation is not None:
-            # Never propose past the budget: one verify yields accepted + 1 tokens.
+            # Never propose past the budget: one verify yields accepted + 1 tokens (k caps
+            # a chain's length and a tree's depth).
             k = min(request.speculation.k, remaining - 1)
             if k > 0:
                 proposal = await proposer.propose(sequence, k)
                 draft_ms = proposer.last_compute_ms
-        verdict = await target.verify(len(sequence) - 1, [sequence[-1], *proposal.tokens], proposal.probs)
+        verdict = await target.verify(len(sequence) - 1, [sequence[-1], *proposal.tokens], proposal.probs,
+                                      parents=proposal.parents or None)
         if wants_hidden:
             proposer.observe_target_hidden_states(target.last_hidden_states)
         if stats.steps is not None:
@@ -147,7 +162,8 @@ async def decode(target: TargetSession, proposer: Proposer | None, request: Deco
         stats.proposed_tokens += len(proposal.tokens)
         stats.accepted_tokens += verdict.accepted
         if request.speculation is not None:
-            request.speculation.update(len(proposal.tokens), verdict.accepted)
+            # A tree's depth plays a chain's length: all of it accepted grows K.
+            request.speculation.update(proposal.depth, verdict.accepted)
         sequence.extend(verdict.tokens)
         chunk, finish = _cut(verdict.tokens, request.eos_token_ids, remaining)
         stats.generated_tokens += len(chunk)

@@ -7,6 +7,9 @@ every node at once; each position attends to the cache, the root and its own
 ancestors only (`ancestor_mask`), and sits at position `committed + depth`. Greedy
 verification walks down from the root while some child is the target's argmax.
 A chain is the tree whose node i has parent i - 1.
+
+On the wire a tree travels as the node tokens and a parallel `parents` list
+(`split_tree` checks it); a feature draft grows one to a `TreeShape`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from specserve.core.acceptance import Verdict
+from specserve.core.errors import InvalidArgument
+
+# The most nodes a tree may have, and the most nodes a level may expand (width) or a
+# node may branch into: what a service accepts from the network. (EAGLE-2 verifies 60.)
+MAX_TREE_NODES = 64
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,11 @@ class DraftTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def depth(self) -> int:
+        """The longest path: the most nodes one verification can accept (0 for no nodes)."""
+        return max(self.depths(), default=0)
+
     def depths(self) -> list[int]:
         """Depth of every node (a child of the root has depth 1)."""
         depth: list[int] = []
@@ -51,6 +64,43 @@ class DraftTree:
             path.append(node)
             node = self.parents[node]
         return path[::-1]
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """How a feature draft grows a tree: `depth` levels, the `width` likeliest nodes of a
+    level expanded into their `branch` likeliest children, the `nodes` likeliest kept.
+    The decoding loop sets depth to the step's speculation length K."""
+
+    depth: int = 5
+    width: int = 4
+    branch: int = 4
+    nodes: int = 16
+
+    def check(self, field: str = "tree") -> None:
+        """InvalidArgument naming `field.<member>` when a value is out of range."""
+        if self.depth < 1:
+            raise InvalidArgument(f"{field}.depth: must be at least 1, got {self.depth}")
+        for name in ("width", "branch", "nodes"):
+            value = getattr(self, name)
+            if not 1 <= value <= MAX_TREE_NODES:
+                raise InvalidArgument(f"{field}.{name}: must be in [1, {MAX_TREE_NODES}], got {value}")
+
+
+def split_tree(token_ids: list[int], parents: list[int]) -> tuple[int, DraftTree]:
+    """A verify op's tree from the wire: token_ids = [pending, n1..nn], parents [n].
+    (pending token, tree); InvalidArgument naming the field at fault."""
+    if not token_ids:
+        raise InvalidArgument("token_ids: must hold at least the pending token")
+    if len(parents) != len(token_ids) - 1:
+        raise InvalidArgument(f"parents: one per tree node (token_ids after the pending token): "
+                              f"{len(parents)} parents for {len(token_ids) - 1} nodes")
+    if len(parents) > MAX_TREE_NODES:
+        raise InvalidArgument(f"parents: a tree has at most {MAX_TREE_NODES} nodes, got {len(parents)}")
+    try:
+        return token_ids[0], DraftTree(list(token_ids[1:]), list(parents))
+    except ValueError as error:
+        raise InvalidArgument(f"parents: {error}") from None
 
 
 def ancestor_mask(tree: DraftTree) -> torch.Tensor:

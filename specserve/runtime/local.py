@@ -6,6 +6,7 @@ tests of the loop itself.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -14,6 +15,7 @@ from specserve.core.acceptance import Verdict
 from specserve.core.distributions import to_dense
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DraftSequenceTracker, Proposal
+from specserve.core.tree import TreeShape, split_tree
 from specserve.runtime.models import LoadedModel
 from specserve.runtime.workers import DraftWorker, FeatureDraftWorker, TargetWorker
 
@@ -30,10 +32,13 @@ class LocalTargetSession:
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> int:
         return self.worker.start(prompt, sampling, seed, return_hidden_states)
 
-    async def verify(self, committed_len: int, tokens: list[int], draft_probs) -> Verdict:
+    async def verify(self, committed_len: int, tokens: list[int], draft_probs, parents: list[int] | None = None) -> Verdict:
         began = time.perf_counter()
-        dense = to_dense(draft_probs, self.worker.loaded.vocab_size) if draft_probs else None  # [k, V]
-        verdict = self.worker.verify(committed_len, tokens, dense)
+        if parents:
+            verdict = self.worker.verify_tree(committed_len, *split_tree(tokens, parents))
+        else:
+            dense = to_dense(draft_probs, self.worker.loaded.vocab_size) if draft_probs else None  # [k, V]
+            verdict = self.worker.verify(committed_len, tokens, dense)
         self.last_compute_ms = (time.perf_counter() - began) * 1e3
         return verdict
 
@@ -63,15 +68,20 @@ class LocalDraftProposer:
 
 class LocalFeatureDraftProposer:
     """A feature draft: each propose sends the tokens since the last one with the
-    target's hidden states observed since then (one row per token)."""
+    target's hidden states observed since then (one row per token).
+
+    With a tree shape (nodes > 0), greedy requests get trees of depth k in that shape;
+    sampled requests, and every request without a shape, get chains."""
 
     needs_target_hidden_states = True
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, tree: TreeShape | None = None):
         self.worker = FeatureDraftWorker(loaded)
         self.tracker = DraftSequenceTracker()
         self.pending: list[torch.Tensor] = []  # [n_i, H] each, not yet sent
         self.last_compute_ms = 0.0
+        self.tree = tree if tree is not None and tree.nodes > 0 else None
+        self.drafts_trees = False  # decided per request, at start
 
     @property
     def forward_passes(self) -> int:
@@ -80,6 +90,7 @@ class LocalFeatureDraftProposer:
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
         self.worker.start(prompt, sampling, seed)
         self.tracker.reset(prompt[:1])  # the rest of the prompt arrives with the target's hidden states
+        self.drafts_trees = self.tree is not None and sampling.greedy
 
     def observe_target_hidden_states(self, hidden: torch.Tensor) -> None:
         self.pending.append(hidden)
@@ -89,12 +100,18 @@ class LocalFeatureDraftProposer:
         committed, append = self.tracker.diff(sequence)
         hidden = torch.cat(self.pending)  # [len(append), H]
         self.pending = []
-        tokens, rows = self.worker.propose(committed, append, k, hidden)
+        if self.drafts_trees:
+            tree = self.worker.propose_tree(committed, append, hidden, dataclasses.replace(self.tree, depth=k))
+            proposal = Proposal(tree.tokens, None, tree.parents)
+        else:
+            tokens, rows = self.worker.propose(committed, append, k, hidden)
+            proposal = Proposal(tokens, rows)
         self.tracker.record(sequence, [])  # proposals are not kept
         self.last_compute_ms = (time.perf_counter() - began) * 1e3
-        return Proposal(tokens, rows)
+        return proposal
 
 
-def local_draft_proposer(loaded: LoadedModel) -> LocalDraftProposer | LocalFeatureDraftProposer:
-    """The in-process proposer for a loaded draft: a feature draft reads the target's hidden states."""
-    return LocalFeatureDraftProposer(loaded) if loaded.needs_target_hidden_states else LocalDraftProposer(loaded)
+def local_draft_proposer(loaded: LoadedModel, tree: TreeShape | None = None) -> LocalDraftProposer | LocalFeatureDraftProposer:
+    """The in-process proposer for a loaded draft: a feature draft reads the target's hidden
+    states (and drafts trees of the given shape for greedy requests); a token draft, chains."""
+    return LocalFeatureDraftProposer(loaded, tree) if loaded.needs_target_hidden_states else LocalDraftProposer(loaded)

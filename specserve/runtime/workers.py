@@ -14,7 +14,7 @@ from specserve.core.acceptance import Verdict, accept_greedy, accept_rejection_s
 from specserve.core.distributions import to_sparse
 from specserve.core.errors import FailedPrecondition, InvalidArgument
 from specserve.core.sampling import SamplingConfig, make_generator, next_token, warp
-from specserve.core.tree import DraftTree, accept_greedy_tree, ancestor_mask
+from specserve.core.tree import DraftTree, TreeShape, accept_greedy_tree, ancestor_mask
 from specserve.runtime.kv import KVSession
 from specserve.runtime.models import LoadedModel
 
@@ -54,7 +54,7 @@ class _SessionBase:
 
 
 class TargetWorker(_SessionBase):
-    """Prefills, then verifies chains: one forward pass per step.
+    """Prefills, then verifies chains (or trees, greedily): one forward pass per step.
 
     With `return_hidden_states`, each op also leaves in `last_hidden_states` the
     last hidden state [n, H] of every position it added to the cache (start: the
@@ -107,11 +107,15 @@ class TargetWorker(_SessionBase):
         and keeps the longest path the target agrees with. Greedy decoding only."""
         self._check_started()
         if not self.sampling.greedy:
-            raise InvalidArgument("tree: trees are verified greedily only; sampled requests propose chains")
+            raise InvalidArgument("parents: a tree is verified greedily only; a sampled request proposes chains")
         if committed_len != self.kv.length:
             raise FailedPrecondition(f"committed_len is {committed_len} but the session holds {self.kv.length} tokens")
         token_ids = [pending, *tree.tokens]
-        self._check_tokens(token_ids, "token_ids", committed_len)
+        self._check_tokens(token_ids, "token_ids", 0)
+        # The context window bounds positions: the tree's deepest node sits at committed_len + depth.
+        if committed_len + 1 + tree.depth > self.loaded.max_context_tokens:
+            raise InvalidArgument(f"token_ids: a tree of depth {tree.depth} after {committed_len + 1} tokens exceeds "
+                                  f"the context window of {self.loaded.max_context_tokens}")
         positions = [committed_len + d for d in [0, *tree.depths()]]
         base = self.kv.model.model  # the decoder without its head: hidden states for every node
         hidden = self.kv.extend_masked(token_ids, positions, ancestor_mask(tree), module=base).last_hidden_state[0]  # [n+1, H]
@@ -303,17 +307,6 @@ def _choose(logits: torch.Tensor, vocab_ids: torch.Tensor | None, sampling: Samp
     index = int(torch.multinomial(probs, 1, generator=generator).item())
     token = index if vocab_ids is None else int(vocab_ids[index])
     return token, to_sparse(probs, vocab_ids)
-
-
-@dataclass(frozen=True)
-class TreeShape:
-    """How a feature draft grows a tree: `depth` levels, the `width` likeliest nodes of a
-    level expanded into their `branch` likeliest children, the `nodes` likeliest kept."""
-
-    depth: int = 5
-    width: int = 4
-    branch: int = 4
-    nodes: int = 16
 
 
 @dataclass

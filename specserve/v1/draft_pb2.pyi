@@ -18,17 +18,31 @@ class DraftStart(_message.Message):
     seed: int
     def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
 
+class TreeShape(_message.Message):
+    __slots__ = ("depth", "width", "branch", "nodes")
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    depth: int
+    width: int
+    branch: int
+    nodes: int
+    def __init__(self, depth: _Optional[int] = ..., width: _Optional[int] = ..., branch: _Optional[int] = ..., nodes: _Optional[int] = ...) -> None: ...
+
 class DraftPropose(_message.Message):
-    __slots__ = ("committed_len", "token_ids", "num_tokens", "hidden_states")
+    __slots__ = ("committed_len", "token_ids", "num_tokens", "hidden_states", "tree")
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
     committed_len: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_tokens: int
     hidden_states: _common_pb2.HiddenStates
-    def __init__(self, committed_len: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., hidden_states: _Optional[_Union[_common_pb2.HiddenStates, _Mapping]] = ...) -> None: ...
+    tree: TreeShape
+    def __init__(self, committed_len: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., hidden_states: _Optional[_Union[_common_pb2.HiddenStates, _Mapping]] = ..., tree: _Optional[_Union[TreeShape, _Mapping]] = ...) -> None: ...
 
 class DraftRequest(_message.Message):
     __slots__ = ("op_id", "start", "propose")
@@ -41,15 +55,17 @@ class DraftRequest(_message.Message):
     def __init__(self, op_id: _Optional[int] = ..., start: _Optional[_Union[DraftStart, _Mapping]] = ..., propose: _Optional[_Union[DraftPropose, _Mapping]] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
-    __slots__ = ("op_id", "token_ids", "probs", "forward_passes", "compute_ms")
+    __slots__ = ("op_id", "token_ids", "probs", "forward_passes", "compute_ms", "parents")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PROBS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
     op_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     probs: _containers.RepeatedCompositeFieldContainer[_common_pb2.SparseDistribution]
     forward_passes: int
     compute_ms: float
-    def __init__(self, op_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., forward_passes: _Optional[int] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+    parents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, op_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., forward_passes: _Optional[int] = ..., compute_ms: _Optional[float] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -43,14 +43,16 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class SpeculationParams(_message.Message):
-    __slots__ = ("method", "num_speculative_tokens", "fixed_length")
+    __slots__ = ("method", "num_speculative_tokens", "fixed_length", "tree_nodes")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FIXED_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    TREE_NODES_FIELD_NUMBER: _ClassVar[int]
     method: Method
     num_speculative_tokens: int
     fixed_length: bool
-    def __init__(self, method: _Optional[_Union[Method, str]] = ..., num_speculative_tokens: _Optional[int] = ..., fixed_length: _Optional[bool] = ...) -> None: ...
+    tree_nodes: int
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., num_speculative_tokens: _Optional[int] = ..., fixed_length: _Optional[bool] = ..., tree_nodes: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "messages", "sampling", "speculation", "include_step_timings")

@@ -63,7 +63,8 @@ class InProcessRunner:
         elif method == "draft_model":
             if self.draft is None:
                 raise ValueError("draft_model needs a draft model")
-            proposer = local_draft_proposer(self.draft)  # a feature draft's variant when it is one
+            # A feature draft's variant when it is one, drafting trees as the orchestrator's would.
+            proposer = local_draft_proposer(self.draft, self.limits.tree_shape(self.limits.tree_nodes))
         request = DecodeRequest(
             prompt=prompt_ids,
             sampling=SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens),
