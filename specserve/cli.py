@@ -163,10 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
-    """Commands that live in their own packages: bench and train-draft."""
+    """Commands that live in their own packages: bench and the draft trainers."""
     for name, module, help_text in [
         ("bench", "specserve.bench.cli", "benchmark every method side by side"),
-        ("train-draft", "specserve.drafter.train", "distill a draft model from the target"),
+        ("train-draft", "specserve.drafter.train_features", "distill a feature draft (the default draft) from the target"),
+        ("train-token-draft", "specserve.drafter.train", "distill a small token-level draft model from the target"),
     ]:
         mod = __import__(module, fromlist=["add_arguments", "run"])
         p = sub.add_parser(name, help=help_text)

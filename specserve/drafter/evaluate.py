@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -24,7 +24,7 @@ from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DraftSequenceTracker
 from specserve.runtime.kv import KVSession
 from specserve.runtime.models import LoadedModel
-from specserve.runtime.workers import DraftWorker, FeatureDraftWorker, TargetWorker
+from specserve.runtime.workers import DraftWorker, FeatureDraftWorker, TargetWorker, TreeShape
 
 
 @dataclass
@@ -49,9 +49,11 @@ def plain_greedy(target: LoadedModel, prompt: list[int], max_new: int, eos: set[
     return Run(out, time.perf_counter() - began, target_forwards=len(out) - 1)
 
 
-def speculative_greedy(target: LoadedModel, draft: LoadedModel, prompt: list[int], max_new: int, eos: set[int], k: int) -> Run:
+def speculative_greedy(target: LoadedModel, draft: LoadedModel, prompt: list[int], max_new: int, eos: set[int], k: int,
+                       tree: TreeShape | None = None) -> Run:
     """The service workers in one loop: a token draft or a feature draft (which reads the
-    target's hidden states of every token added since its last call)."""
+    target's hidden states of every token added since its last call); with `tree`, a
+    feature draft proposes trees of depth k and the target verifies them with tree attention."""
     greedy = SamplingConfig()
     features = draft.needs_target_hidden_states
     verifier = TargetWorker(target)
@@ -69,7 +71,12 @@ def speculative_greedy(target: LoadedModel, draft: LoadedModel, prompt: list[int
         committed, append = tracker.diff(seq)
         passes = drafter.forward_passes
         kk = min(k, max_new - len(out))
-        if features:
+        drafted = None
+        if features and tree is not None:
+            drafted = drafter.propose_tree(committed, append, torch.cat(unsent), replace(tree, depth=kk))
+            proposal, unsent = drafted.tokens, []
+            tracker.record(seq, [])
+        elif features:
             proposal, _ = drafter.propose(committed, append, kk, torch.cat(unsent))
             unsent = []
             tracker.record(seq, [])
@@ -78,7 +85,10 @@ def speculative_greedy(target: LoadedModel, draft: LoadedModel, prompt: list[int
             tracker.record(seq, proposal)
         run.draft_forwards += drafter.forward_passes - passes
         t1 = time.perf_counter()
-        verdict = verifier.verify(len(seq) - 1, [seq[-1]] + proposal, None)
+        if drafted is not None:
+            verdict = verifier.verify_tree(len(seq) - 1, seq[-1], drafted)
+        else:
+            verdict = verifier.verify(len(seq) - 1, [seq[-1]] + proposal, None)
         if features:
             unsent.append(verifier.last_hidden_states)
         run.target_forwards += 1
@@ -97,7 +107,7 @@ def speculative_greedy(target: LoadedModel, draft: LoadedModel, prompt: list[int
 
 
 def evaluate(draft_dir: str, dtype: str = "bfloat16", ks: list[int] = (4,), max_new: int = 128, n_prompts: int = 20,
-             threads: int = 2, exact_check: int = 3) -> dict:
+             threads: int = 2, exact_check: int = 3, tree: TreeShape | None = None) -> dict:
     from specserve.drafter.data import chat_ids
     from specserve.drafter.prompts import heldout_prompts
     from specserve.runtime.models import load_model, load_tokenizer
@@ -108,7 +118,8 @@ def evaluate(draft_dir: str, dtype: str = "bfloat16", ks: list[int] = (4,), max_
     target = load_model("smollm2", dtype=dtype)
     draft = load_model(draft_dir, dtype=dtype)
     eos = set(target.eos_token_ids)
-    report: dict = {"dtype": dtype, "prompts": len(prompts), "max_new": max_new, "threads": threads}
+    report: dict = {"dtype": dtype, "prompts": len(prompts), "max_new": max_new, "threads": threads,
+                    "tree": None if tree is None else vars(tree)}
 
     # Warm up both models once (first calls allocate).
     plain_greedy(target, prompts[0], 8, eos)
@@ -119,7 +130,7 @@ def evaluate(draft_dir: str, dtype: str = "bfloat16", ks: list[int] = (4,), max_
     report["plain"] = {"tokens": plain_tok, "seconds": round(plain_s, 2), "tok_per_s": round(plain_tok / plain_s, 2),
                        "ms_per_target_forward": round(1e3 * plain_s / sum(r.target_forwards + 1 for r in plain), 2)}
     for k in ks:
-        runs = [speculative_greedy(target, draft, p, max_new, eos, k) for p in prompts]
+        runs = [speculative_greedy(target, draft, p, max_new, eos, k, tree) for p in prompts]
         steps = [a for r in runs for a in r.accepted]
         secs = sum(r.seconds for r in runs)
         toks = sum(len(r.tokens) for r in runs)
@@ -133,19 +144,19 @@ def evaluate(draft_dir: str, dtype: str = "bfloat16", ks: list[int] = (4,), max_
         }
         print(f"k={k}", json.dumps(report[f"k={k}"]), flush=True)
     if exact_check and dtype != "float32":
-        report["float32_exact"] = check_exact(draft_dir, prompts[:exact_check], max_new, ks[0], eos)
+        report["float32_exact"] = check_exact(draft_dir, prompts[:exact_check], max_new, ks[0], eos, tree)
     elif exact_check:
         report["float32_exact"] = all(report[f"k={k}"]["identical_outputs"] == len(prompts) for k in ks)
     return report
 
 
-def check_exact(draft_dir: str, prompts: list[list[int]], max_new: int, k: int, eos: set[int]) -> bool:
+def check_exact(draft_dir: str, prompts: list[list[int]], max_new: int, k: int, eos: set[int], tree: TreeShape | None = None) -> bool:
     """Speculative output == plain greedy output, token for token, in float32."""
     from specserve.runtime.models import load_model
 
     target = load_model("smollm2", dtype="float32")
     draft = load_model(draft_dir, dtype="float32")
-    ok = all(plain_greedy(target, p, max_new, eos).tokens == speculative_greedy(target, draft, p, max_new, eos, k).tokens
+    ok = all(plain_greedy(target, p, max_new, eos).tokens == speculative_greedy(target, draft, p, max_new, eos, k, tree).tokens
              for p in prompts)
     print(f"float32 exactness on {len(prompts)} prompts: {ok}", flush=True)
     return ok
@@ -161,8 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--exact-check", type=int, default=3, help="prompts checked for float32 exactness (0: skip)")
     ap.add_argument("--json", default=None, help="write the report here")
+    ap.add_argument("--tree", default=None, help="nodes,width,branch: a feature draft proposes trees of depth K")
     a = ap.parse_args(argv)
-    report = evaluate(a.draft, a.dtype, [int(x) for x in a.k.split(",")], a.max_new, a.prompts, a.threads, a.exact_check)
+    tree = None
+    if a.tree:
+        nodes, width, branch = (int(x) for x in a.tree.split(","))
+        tree = TreeShape(depth=1, width=width, branch=branch, nodes=nodes)
+    report = evaluate(a.draft, a.dtype, [int(x) for x in a.k.split(",")], a.max_new, a.prompts, a.threads, a.exact_check, tree)
     print(json.dumps(report, indent=2))
     if a.json:
         with open(a.json, "w") as f:

@@ -1,6 +1,6 @@
 """Distil a draft model from the target on the target's own greedy responses.
 
-Pipeline (`specserve train-draft`):
+Pipeline (`specserve train-token-draft`):
 1. data: the target answers synthetic chat prompts greedily (batched, bf16) and
    its top-k log-probs at every generated position are recorded (data.py);
 2. vocabulary: the head covers the `vocab_size` most frequent response tokens;
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="specserve train-draft", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="specserve train-token-draft", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

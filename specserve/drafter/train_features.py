@@ -224,3 +224,59 @@ def train_feature_draft(out_dir: str | Path, feature_dirs: list[str | Path], wor
     save_feature_draft(model, out_dir, target_spec=target, extra=extra)
     print(json.dumps(extra))
     return Path(out_dir)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default="specserve/drafts/smollm2-135m-feature-draft", help="drafter directory to write")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=None,
+                        help="self-distillation shards, generated when missing (default: draft-data in the specserve cache)")
+    parser.add_argument("--features-dir", default=None, help="the target's hidden states per shard (default: next to data-dir)")
+    parser.add_argument("--work-dir", default=None, help="checkpoints (default: next to data-dir)")
+    parser.add_argument("--target", default="smollm2")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="tokens covered by the draft's head")
+    parser.add_argument("--prompts", type=int, default=2048, help="synthetic prompts the data is drawn from")
+    parser.add_argument("--gen-shards", default=None, help="generate exactly these batches of 24 prompts, comma-separated")
+    parser.add_argument("--gen-batches", type=int, default=None, help="or this many batches (default: all)")
+    parser.add_argument("--max-new", type=int, default=192)
+    parser.add_argument("--tokens-per-batch", type=int, default=4096)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--hard-weight", type=float, default=0.5)
+    parser.add_argument("--feature-weight", type=float, default=1.0)
+    parser.add_argument("--no-unroll", action="store_true", help="skip the pass that feeds predicted states back")
+    parser.add_argument("--noise", type=float, default=0.05, help="Gaussian noise on input states while training")
+    parser.add_argument("--save-every", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def run(args) -> int:
+    """Generate (if needed) -> the target's hidden states (if needed) -> train."""
+    from specserve.drafter.data import generate_data
+    from specserve.drafter.features import extract_features
+    from specserve.runtime.models import cache_root
+
+    data_dir = Path(args.data_dir) if args.data_dir else cache_root() / "draft-data"
+    features_dir = Path(args.features_dir) if args.features_dir else data_dir.parent / "draft-features"
+    work_dir = Path(args.work_dir) if args.work_dir else data_dir.parent / "feature-draft-train"
+    shards = [int(x) for x in args.gen_shards.split(",")] if args.gen_shards else None
+    generate_data(data_dir, args.prompts, max_new=args.max_new, seed=args.seed, target=args.target,
+                  max_batches=args.gen_batches, shards=shards, threads=args.threads)
+    extract_features(data_dir, features_dir, target=args.target, threads=args.threads)
+    train_feature_draft(args.out, [features_dir], work_dir, steps=args.steps, seed=args.seed, target=args.target,
+                        vocab_size=args.vocab_size, tokens_per_batch=args.tokens_per_batch, lr=args.lr,
+                        hard_weight=args.hard_weight, feature_weight=args.feature_weight, unroll=not args.no_unroll,
+                        noise=args.noise, save_every=args.save_every, threads=args.threads)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="specserve train-draft", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
