@@ -15,7 +15,7 @@ from orchestrator.ngram_pool import NgramPool
 from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer, RemoteTargetSession
 from specserve.core.adaptive import SpeculationLength
 from specserve.core.errors import Unavailable
-from specserve.core.proposers import PromptLookupProposer
+from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.speculate import DecodeRequest, Finish, decode
 from specserve.core.text import IncrementalDetokenizer, StopStringFilter
 from specserve.serving.grpc_server import status_on_error
@@ -114,9 +114,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             if info is None:
                 raise Unavailable("the draft service has not answered yet; retry shortly")
             # A feature draft drafts from the target's hidden states, which the loop then asks for,
-            # and trees for greedy requests (unless the request's tree_nodes is 0).
+            # and trees for greedy requests (unless the request's tree_nodes is 0), to which
+            # prompt lookup adds its continuation as one more branch.
             if info.needs_target_hidden_states:
-                return RemoteFeatureDraftProposer(self.upstreams.draft, self.limits.tree_shape(job.tree_nodes))
+                return WithLookupBranch(RemoteFeatureDraftProposer(self.upstreams.draft, self.limits.tree_shape(job.tree_nodes)))
             return RemoteDraftProposer(self.upstreams.draft)
         if job.method == pb.PROMPT_LOOKUP:
             # The pool changes with other traffic, and different proposals consume the

@@ -165,15 +165,20 @@ def active_sessions(stack) -> tuple[int, int]:
     return tuple(counts)
 
 
+def wait_for_sessions(stack, expected=(0, 0), timeout_s=15.0) -> tuple[int, int]:
+    deadline = time.monotonic() + timeout_s
+    while (counts := active_sessions(stack)) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return counts
+
+
 def test_cancelling_mid_stream_leaves_no_session(feature_stack, stub):
+    assert wait_for_sessions(feature_stack) == (0, 0)  # earlier tests' streams may still be closing
     call = stub.Generate(build_request(prompt=TEXT_PROMPTS[0], method="draft_model", max_new_tokens=400), timeout=120)
     next(call)  # both sessions are open now
     assert active_sessions(feature_stack) == (1, 1)
     call.cancel()
-    deadline = time.monotonic() + 15
-    while active_sessions(feature_stack) != (0, 0) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert active_sessions(feature_stack) == (0, 0)
+    assert wait_for_sessions(feature_stack) == (0, 0)
 
 
 def test_served_target_hidden_states_equal_a_teacher_forced_forward(feature_stack, tiny_target):

@@ -17,7 +17,8 @@ from specserve.core.adaptive import SpeculationLength
 from specserve.core.errors import FailedPrecondition, InvalidArgument
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DecodeRequest, Proposal, decode
-from specserve.core.tree import MAX_TREE_NODES, DraftTree, TreeShape, accept_greedy_tree, ancestor_mask, split_tree
+from specserve.core.proposers import WithLookupBranch
+from specserve.core.tree import MAX_TREE_NODES, DraftTree, TreeShape, accept_greedy_tree, ancestor_mask, merge_chain, split_tree
 from specserve.runtime.local import LocalFeatureDraftProposer, LocalTargetSession, local_draft_proposer
 from specserve.runtime.workers import FeatureDraftWorker, TargetWorker
 from specserve.serving import hidden_states
@@ -214,6 +215,40 @@ def test_the_loop_sends_trees_and_adapts_k_to_their_depth():
     stats = request.stats
     assert stats.proposed_tokens == 2 * sum(proposer.ks)  # every node counts
     assert stats.accepted_tokens == sum(proposer.ks)
+
+
+def test_merge_chain_reuses_the_shared_prefix_and_appends_the_rest():
+    tree = DraftTree([10, 20, 11, 12], [-1, -1, 0, 2])  # 10 -> 11 -> 12, and 20
+    merged = merge_chain(tree, [10, 11, 13, 14])
+    assert merged.tokens == [10, 20, 11, 12, 13, 14]
+    assert merged.parents == [-1, -1, 0, 2, 2, 4]  # 13 hangs off 11; 14 off 13
+    assert merge_chain(tree, [10, 11, 12]) == tree  # already there
+    assert merge_chain(tree, []) == tree
+    assert merge_chain(DraftTree([], []), [7, 8]) == DraftTree.chain([7, 8])
+
+
+def test_the_lookup_branch_joins_trees_and_leaves_chains_alone():
+    sequence = [1, 2, 3, 4, 5, 9, 2, 3]  # "2 3" was followed by "4 5 9"
+
+    class Fixed:
+        forward_passes = 0
+        last_compute_ms = 0.0
+
+        def __init__(self, proposal):
+            self.proposal = proposal
+
+        async def start(self, prompt, sampling, seed):
+            return None
+
+        async def propose(self, sequence, k):
+            return self.proposal
+
+    tree = Proposal([4, 7], None, [-1, -1])
+    merged = asyncio.run(WithLookupBranch(Fixed(tree)).propose(sequence, 3))
+    assert (merged.tokens, merged.parents) == ([4, 7, 5, 9], [-1, -1, 0, 2])
+    chain = Proposal([4, 7])
+    assert asyncio.run(WithLookupBranch(Fixed(chain)).propose(sequence, 3)) is chain
+    assert WithLookupBranch(Fixed(chain)).forward_passes == 0  # attributes reach the wrapped proposer
 
 
 # Workers with the tiny models (fp32) -----------------------------------------------------

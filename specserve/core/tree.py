@@ -136,3 +136,21 @@ def accept_greedy_tree(target_logits: torch.Tensor, tree: DraftTree) -> tuple[Ve
             return Verdict(len(path), [tree.tokens[i] for i in path] + [choice]), path
         path.append(nxt)
         current = nxt
+
+
+def merge_chain(tree: DraftTree, chain: list[int]) -> DraftTree:
+    """The tree with `chain` (a continuation of the root) added as one more branch;
+    the part of the chain the tree already holds reuses its nodes."""
+    tokens, parents = list(tree.tokens), list(tree.parents)
+    child: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+    for i, (token, parent) in enumerate(zip(tokens, parents)):
+        child.setdefault((parent, token), i)
+    parent = -1
+    for token in chain:
+        node = child.get((parent, token))
+        if node is None:
+            tokens.append(token)
+            parents.append(parent)
+            node = child[(parent, token)] = len(tokens) - 1
+        parent = node
+    return DraftTree(tokens, parents)

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from specserve.core.prompt_lookup import find_continuation
 from specserve.core.sampling import SamplingConfig
+from specserve.core.tree import merge_chain
 from specserve.core.speculate import DraftSequenceTracker
 from specserve.runtime.kv import KVSession
 from specserve.runtime.models import LoadedModel
@@ -50,7 +52,7 @@ def plain_greedy(target: LoadedModel, prompt: list[int], max_new: int, eos: set[
 
 
 def speculative_greedy(target: LoadedModel, draft: LoadedModel, prompt: list[int], max_new: int, eos: set[int], k: int,
-                       tree: TreeShape | None = None) -> Run:
+                       tree: TreeShape | None = None, lookup_branch: bool = False) -> Run:
     """The service workers in one loop: a token draft or a feature draft (which reads the
     target's hidden states of every token added since its last call); with `tree`, a
     feature draft proposes trees of depth k and the target verifies them with tree attention."""
@@ -74,6 +76,8 @@ def speculative_greedy(target: LoadedModel, draft: LoadedModel, prompt: list[int
         drafted = None
         if features and tree is not None:
             drafted = drafter.propose_tree(committed, append, torch.cat(unsent), replace(tree, depth=kk))
+            if lookup_branch:
+                drafted = merge_chain(drafted, find_continuation(seq, kk, 3, 2))
             proposal, unsent = drafted.tokens, []
             tracker.record(seq, [])
         elif features:
@@ -107,7 +111,7 @@ def speculative_greedy(target: LoadedModel, draft: LoadedModel, prompt: list[int
 
 
 def evaluate(draft_dir: str, dtype: str = "bfloat16", ks: list[int] = (4,), max_new: int = 128, n_prompts: int = 20,
-             threads: int = 2, exact_check: int = 3, tree: TreeShape | None = None) -> dict:
+             threads: int = 2, exact_check: int = 3, tree: TreeShape | None = None, lookup_branch: bool = False) -> dict:
     from specserve.drafter.data import chat_ids
     from specserve.drafter.prompts import heldout_prompts
     from specserve.runtime.models import load_model, load_tokenizer
@@ -119,7 +123,7 @@ def evaluate(draft_dir: str, dtype: str = "bfloat16", ks: list[int] = (4,), max_
     draft = load_model(draft_dir, dtype=dtype)
     eos = set(target.eos_token_ids)
     report: dict = {"dtype": dtype, "prompts": len(prompts), "max_new": max_new, "threads": threads,
-                    "tree": None if tree is None else vars(tree)}
+                    "tree": None if tree is None else vars(tree), "lookup_branch": lookup_branch}
 
     # Warm up both models once (first calls allocate).
     plain_greedy(target, prompts[0], 8, eos)
@@ -130,7 +134,7 @@ def evaluate(draft_dir: str, dtype: str = "bfloat16", ks: list[int] = (4,), max_
     report["plain"] = {"tokens": plain_tok, "seconds": round(plain_s, 2), "tok_per_s": round(plain_tok / plain_s, 2),
                        "ms_per_target_forward": round(1e3 * plain_s / sum(r.target_forwards + 1 for r in plain), 2)}
     for k in ks:
-        runs = [speculative_greedy(target, draft, p, max_new, eos, k, tree) for p in prompts]
+        runs = [speculative_greedy(target, draft, p, max_new, eos, k, tree, lookup_branch) for p in prompts]
         steps = [a for r in runs for a in r.accepted]
         secs = sum(r.seconds for r in runs)
         toks = sum(len(r.tokens) for r in runs)
@@ -173,12 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exact-check", type=int, default=3, help="prompts checked for float32 exactness (0: skip)")
     ap.add_argument("--json", default=None, help="write the report here")
     ap.add_argument("--tree", default=None, help="nodes,width,branch: a feature draft proposes trees of depth K")
+    ap.add_argument("--lookup-branch", action="store_true", help="add prompt lookup's continuation to every tree")
     a = ap.parse_args(argv)
     tree = None
     if a.tree:
         nodes, width, branch = (int(x) for x in a.tree.split(","))
         tree = TreeShape(depth=1, width=width, branch=branch, nodes=nodes)
-    report = evaluate(a.draft, a.dtype, [int(x) for x in a.k.split(",")], a.max_new, a.prompts, a.threads, a.exact_check, tree)
+    report = evaluate(a.draft, a.dtype, [int(x) for x in a.k.split(",")], a.max_new, a.prompts, a.threads, a.exact_check, tree, a.lookup_branch)
     print(json.dumps(report, indent=2))
     if a.json:
         with open(a.json, "w") as f:

@@ -7,15 +7,18 @@ h[j]; the target's own (tied) embedding rows turn that prediction into logits fo
 x[j+1]. Drafting several tokens feeds the predicted states back in.
 
     input j:  fc([embed(x[j]) ; h[j-1]])          [1, n, 2H] -> [1, n, H]
-    body:     one Llama decoder layer + RMSNorm    -> predicted h[j]  [1, n, H]
-    head:     h[j] @ embed[vocab_ids].T            -> [1, n, V_out]
+    body:     Llama decoder layer(s) + RMSNorm     -> predicted h[j]  [1, n, H]
+    head:     h[j] @ W.T                           -> [1, n, V_out]
+
+W is the target's (tied) embedding rows for `vocab_ids`, or a trained head of the
+draft's own when it was initialised from a token draft (`own_head` in the config).
 
 The draft's cache position j-1 holds pair j, so its sequence is one shorter than
-the token sequence. The embedding (and so the head) is the target's, frozen and not
-stored: `load_feature_draft` reads it from the target's safetensors.
+the token sequence. The input embedding is the target's, frozen and not stored:
+`load_feature_draft` reads it from the target's safetensors.
 
 On disk: `drafter.json` ("format": "specserve-feature-drafter/1") and
-`model.safetensors` (fc, the layer, the norm, vocab_ids; bf16).
+`model.safetensors` (fc, the layers, the norm, the head if its own, vocab_ids; bf16).
 """
 
 from __future__ import annotations
@@ -45,16 +48,20 @@ class FeatureDraft(nn.Module):
         hidden = config.hidden_size
         self.embed_tokens = nn.Embedding.from_pretrained(embedding.float(), freeze=True)  # [V, H], the target's
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)  # [H, 2H]
-        body_config = LlamaConfig(**{**config.to_dict(), "num_hidden_layers": 1, "vocab_size": 1, "pad_token_id": None,
+        body_config = LlamaConfig(**{**config.to_dict(), "vocab_size": 1, "pad_token_id": None,
                                      "bos_token_id": None, "eos_token_id": None})
         self.body = LlamaModel(body_config)
         self.body.embed_tokens = None  # inputs arrive as embeddings
         self.register_buffer("vocab_ids", vocab_ids.long().clone(), persistent=True)  # [V_out]
+        # A trained head of its own (when initialised from a token draft); else the target's rows.
+        self.lm_head = nn.Linear(hidden, vocab_ids.numel(), bias=False) if getattr(config, "own_head", False) else None
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
     def head_weight(self) -> torch.Tensor:
+        if self.lm_head is not None:
+            return self.lm_head.weight  # [V_out, H]
         return self.embed_tokens.weight[self.vocab_ids]  # [V_out, H]
 
     def forward(
@@ -99,6 +106,26 @@ def build_feature_draft(target: nn.Module, vocab_ids: torch.Tensor, layer_id: in
         draft.fc.weight[:, :hidden].copy_(0.1 * torch.eye(hidden))
         draft.fc.bias.zero_()
     return draft
+
+
+def feature_draft_from_token_draft(draft: nn.Module) -> FeatureDraft:
+    """A feature draft that starts as a trained token draft (`DraftLM`): its layers, norm and
+    head, with fc passing the token embedding through and ignoring the hidden state at first."""
+    cfg = draft.config.to_dict()
+    for key in ("architectures", "dtype", "torch_dtype", "transformers_version"):
+        cfg.pop(key, None)
+    cfg.update(own_head=True)
+    config = LlamaConfig(**cfg)
+    model = FeatureDraft(config, draft.vocab_ids, draft.get_input_embeddings().weight.detach()).float()
+    hidden = config.hidden_size
+    with torch.no_grad():
+        model.body.layers.load_state_dict({k: v.float() for k, v in draft.model.layers.state_dict().items()})
+        model.body.norm.weight.copy_(draft.model.norm.weight.float())
+        model.lm_head.weight.copy_(draft.lm_head.weight.float())
+        model.fc.weight.zero_()
+        model.fc.weight[:, :hidden].copy_(torch.eye(hidden))
+        model.fc.bias.zero_()
+    return model
 
 
 def save_feature_draft(model: FeatureDraft, directory: str | Path, target_spec: str = "smollm2", extra: dict | None = None) -> None:

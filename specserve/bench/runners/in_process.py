@@ -16,7 +16,7 @@ from specserve.bench.prompts import BenchPrompt
 from specserve.bench.records import RunRecord
 from specserve.client import build_request
 from specserve.core.adaptive import SpeculationLength
-from specserve.core.proposers import PromptLookupProposer
+from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DecodeRequest, decode
 from specserve.core.text import IncrementalDetokenizer
@@ -65,6 +65,8 @@ class InProcessRunner:
                 raise ValueError("draft_model needs a draft model")
             # A feature draft's variant when it is one, drafting trees as the orchestrator's would.
             proposer = local_draft_proposer(self.draft, self.limits.tree_shape(self.limits.tree_nodes))
+            if self.draft.needs_target_hidden_states:
+                proposer = WithLookupBranch(proposer)
         request = DecodeRequest(
             prompt=prompt_ids,
             sampling=SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens),
