@@ -103,8 +103,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                     break
             finally:
                 target.close()
-                if isinstance(proposer, RemoteDraftProposer):
-                    proposer.close()
+                # A remote draft holds a session (a wrapper forwards close to it); prompt lookup holds none.
+                close_draft = getattr(proposer, "close", None)
+                if close_draft is not None:
+                    close_draft()
                 if self.pool is not None and generated:
                     self._in_background(self.pool.add(job.prompt_ids + generated))
 
