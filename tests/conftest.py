@@ -147,3 +147,40 @@ def feature_stack(tiny_target_dir, feature_draft_dir, tmp_path_factory):
     )
     with Stack(config) as stack:
         yield stack
+
+
+def decode_locally(target, proposer, prompt, k=None, fixed=True, temperature=0.0, seed=0, max_new=30):
+    """(generated tokens, DecodeStats) of the core loop on a loaded target and a proposer, in process."""
+    import asyncio
+
+    from specserve.core.adaptive import SpeculationLength
+    from specserve.core.sampling import SamplingConfig
+    from specserve.core.speculate import DecodeRequest, decode
+    from specserve.runtime.local import LocalTargetSession
+
+    sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new, top_k=50 if temperature else 0)
+    speculation = SpeculationLength(k, k_max=16, fixed=fixed) if k else None
+    request = DecodeRequest(prompt, sampling, seed, frozenset(), target.max_context_tokens, speculation)
+
+    async def collect():
+        return [t async for chunk in decode(LocalTargetSession(target), proposer, request) for t in chunk.tokens]
+
+    return asyncio.run(collect()), request.stats
+
+
+def teacher_forced_hidden(target, token_ids: list[int]) -> torch.Tensor:
+    """The target's last hidden states [n, H] over token_ids in one forward pass."""
+    with torch.inference_mode():
+        return target.model.model(input_ids=torch.tensor([token_ids])).last_hidden_state[0]  # [n, H]
+
+
+def plain_greedy(target, prompt: list[int], n: int) -> list[int]:
+    """The first n tokens of plain greedy decoding with the target's worker."""
+    from specserve.core.sampling import SamplingConfig
+    from specserve.runtime.workers import TargetWorker
+
+    worker = TargetWorker(target)
+    out = [worker.start(prompt, SamplingConfig(), 0)]
+    while len(out) < n:
+        out += worker.verify(len(prompt) + len(out) - 1, [out[-1]], None).tokens
+    return out[:n]

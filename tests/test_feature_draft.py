@@ -11,32 +11,14 @@ import pytest
 import torch
 
 from specserve.client import build_request, connect, generate
-from specserve.core.adaptive import SpeculationLength
-from specserve.core.sampling import SamplingConfig
-from specserve.core.speculate import DecodeRequest, decode
-from specserve.runtime.local import LocalFeatureDraftProposer, LocalTargetSession, local_draft_proposer
+from specserve.runtime.local import LocalFeatureDraftProposer, local_draft_proposer
 from specserve.serving import hidden_states
 from specserve.v1 import common_pb2, draft_pb2, draft_pb2_grpc, model_service_pb2, target_pb2, target_pb2_grpc
 from specserve.v1 import orchestrator_pb2 as pb
+from conftest import decode_locally, teacher_forced_hidden
 
 PROMPTS = [[1, 504, 3000, 77, 504, 3000], list(range(100, 160))]
 TEXT_PROMPTS = ["The quick brown fox jumps over the lazy dog. The quick brown fox", "Once upon a time"]
-
-
-def run(target, proposer, prompt, k=None, fixed=True, temperature=0.0, seed=0, max_new=30):
-    sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new, top_k=50 if temperature else 0)
-    speculation = SpeculationLength(k, k_max=16, fixed=fixed) if k else None
-    request = DecodeRequest(prompt, sampling, seed, frozenset(), target.max_context_tokens, speculation)
-
-    async def collect():
-        return [t async for chunk in decode(LocalTargetSession(target), proposer, request) for t in chunk.tokens]
-
-    return asyncio.run(collect()), request.stats
-
-
-def teacher_forced_hidden(target, token_ids: list[int]) -> torch.Tensor:
-    with torch.inference_mode():
-        return target.model.model(input_ids=torch.tensor([token_ids])).last_hidden_state[0]  # [n, H]
 
 
 # In process ------------------------------------------------------------------------------
@@ -49,9 +31,9 @@ def test_a_feature_draft_is_recognised(feature_draft):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_in_process_output_equals_plain_decoding(tiny_target, feature_draft, prompt):
-    plain, _ = run(tiny_target, None, prompt)
+    plain, _ = decode_locally(tiny_target, None, prompt)
     for k, fixed in ((1, True), (4, True), (8, True), (4, False)):
-        tokens, stats = run(tiny_target, local_draft_proposer(feature_draft), prompt, k=k, fixed=fixed)
+        tokens, stats = decode_locally(tiny_target, local_draft_proposer(feature_draft), prompt, k=k, fixed=fixed)
         assert tokens == plain, (k, fixed)
         assert stats.proposed_tokens > 0
 
@@ -59,9 +41,9 @@ def test_in_process_output_equals_plain_decoding(tiny_target, feature_draft, pro
 def test_an_agreeing_feature_draft_is_accepted_and_exact(agreeing_pair):
     target, draft = agreeing_pair
     for prompt in PROMPTS:
-        plain, _ = run(target, None, prompt, max_new=40)
+        plain, _ = decode_locally(target, None, prompt, max_new=40)
         for k, fixed in ((1, True), (4, True), (8, True), (2, False)):
-            tokens, stats = run(target, local_draft_proposer(draft), prompt, k=k, fixed=fixed, max_new=40)
+            tokens, stats = decode_locally(target, local_draft_proposer(draft), prompt, k=k, fixed=fixed, max_new=40)
             assert tokens == plain, (k, fixed)
             assert stats.accepted_tokens >= 0.9 * stats.proposed_tokens > 0, (k, fixed, stats)
 
@@ -78,7 +60,7 @@ def test_each_token_reaches_the_draft_with_the_hidden_state_before_it(tiny_targe
 
     proposer.worker.propose = recording_propose
     prompt = PROMPTS[1]
-    tokens, stats = run(tiny_target, proposer, prompt, k=1, fixed=False, max_new=40)
+    tokens, stats = decode_locally(tiny_target, proposer, prompt, k=1, fixed=False, max_new=40)
     sequence = prompt + tokens
     expected = teacher_forced_hidden(tiny_target, sequence)  # [n, H]
     assert sent[0][0] == 1 and len(sent[0][1]) == len(prompt)  # prompt[1:] and the first token
@@ -183,7 +165,7 @@ def test_cancelling_mid_stream_leaves_no_session(feature_stack, stub):
 
 def test_served_target_hidden_states_equal_a_teacher_forced_forward(feature_stack, tiny_target):
     prompt = PROMPTS[1]
-    plain, _ = run(tiny_target, None, prompt, max_new=8)
+    plain, _ = decode_locally(tiny_target, None, prompt, max_new=8)
     ops = [
         target_pb2.TargetStart(prompt_token_ids=prompt, seed=0, return_hidden_states=True),
         target_pb2.TargetVerify(committed_len=len(prompt), token_ids=[plain[0], plain[1], plain[2], 7]),  # 2 accepted

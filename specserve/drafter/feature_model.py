@@ -27,11 +27,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import GenerationConfig, LlamaConfig, LlamaModel
 
-from specserve.drafter.model import CONFIG_NAME, WEIGHTS_NAME, target_embedding
+from specserve.drafter.model import CONFIG_NAME, WEIGHTS_NAME, llama_config, target_embedding, write_drafter
 
 FORMAT = "specserve-feature-drafter/1"
 
@@ -88,11 +88,7 @@ class FeatureDraft(nn.Module):
 def build_feature_draft(target: nn.Module, vocab_ids: torch.Tensor, layer_id: int = -1) -> FeatureDraft:
     """A feature draft initialised from a loaded Llama-family target: its body is a copy of
     one of the target's decoder layers (the last by default) and its final norm."""
-    cfg = target.config.to_dict()
-    for key in ("architectures", "dtype", "torch_dtype", "transformers_version"):
-        cfg.pop(key, None)
-    cfg.update(num_hidden_layers=1, tie_word_embeddings=False, use_cache=True)
-    config = LlamaConfig(**cfg)
+    config = llama_config(target.config.to_dict(), num_hidden_layers=1, tie_word_embeddings=False, use_cache=True)
     config.draft_layer_id = layer_id
     draft = FeatureDraft(config, vocab_ids, target.get_input_embeddings().weight.detach()).float()
     src = target.model
@@ -111,11 +107,7 @@ def build_feature_draft(target: nn.Module, vocab_ids: torch.Tensor, layer_id: in
 def feature_draft_from_token_draft(draft: nn.Module) -> FeatureDraft:
     """A feature draft that starts as a trained token draft (`DraftLM`): its layers, norm and
     head, with fc passing the token embedding through and ignoring the hidden state at first."""
-    cfg = draft.config.to_dict()
-    for key in ("architectures", "dtype", "torch_dtype", "transformers_version"):
-        cfg.pop(key, None)
-    cfg.update(own_head=True)
-    config = LlamaConfig(**cfg)
+    config = llama_config(draft.config.to_dict(), own_head=True)
     model = FeatureDraft(config, draft.vocab_ids, draft.get_input_embeddings().weight.detach()).float()
     hidden = config.hidden_size
     with torch.no_grad():
@@ -129,23 +121,9 @@ def feature_draft_from_token_draft(draft: nn.Module) -> FeatureDraft:
 
 
 def save_feature_draft(model: FeatureDraft, directory: str | Path, target_spec: str = "smollm2", extra: dict | None = None) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        name: t.detach().to(torch.bfloat16).contiguous() if t.is_floating_point() else t.detach().contiguous()
-        for name, t in model.state_dict().items()
-        if not name.startswith("embed_tokens.")
-    }
-    save_file(tensors, str(directory / WEIGHTS_NAME))
-    meta = {
-        "format": FORMAT,
-        "target": target_spec,
-        "embedding": "shared with the target (read from its safetensors at load); the head is its rows for vocab_ids",
-        "llama_config": model.config.to_dict(),
-        "vocab_out": int(model.vocab_ids.numel()),
-        **(extra or {}),
-    }
-    (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    write_drafter(directory, model, FORMAT, target_spec, skip=lambda name: name.startswith("embed_tokens."),
+                  embedding="shared with the target (read from its safetensors at load); the head is its rows for vocab_ids",
+                  extra=extra)
 
 
 def is_feature_draft(directory: str | Path) -> bool:
@@ -156,10 +134,7 @@ def is_feature_draft(directory: str | Path) -> bool:
 def load_feature_draft(directory: str | Path, dtype: torch.dtype = torch.float32, target_dir: str | Path | None = None) -> FeatureDraft:
     directory = Path(directory)
     meta = json.loads((directory / CONFIG_NAME).read_text())
-    cfg = dict(meta["llama_config"])
-    for key in ("architectures", "dtype", "torch_dtype", "transformers_version"):
-        cfg.pop(key, None)
-    config = LlamaConfig(**cfg)
+    config = llama_config(meta["llama_config"])
     if target_dir is None:
         from specserve.runtime.models import resolve_model_dir
 

@@ -102,18 +102,26 @@ def build_from_target(target: nn.Module, layer_ids: list[int], vocab_ids: torch.
 
 def save_drafter(model: DraftLM, directory: str | Path, target_spec: str = "smollm2", extra: dict | None = None) -> None:
     """Writes drafter.json + model.safetensors (bf16; the shared embedding is not stored)."""
+    write_drafter(directory, model, "specserve-drafter/1", target_spec, skip=lambda name: name == EMBED_KEY,
+                  embedding="shared with the target (read from its safetensors at load)", extra=extra)
+
+
+def write_drafter(directory: str | Path, model: nn.Module, format_name: str, target_spec: str, skip, embedding: str,
+                  extra: dict | None = None) -> None:
+    """A drafter directory: model.safetensors (floating tensors as bf16, without the names `skip`
+    accepts) and drafter.json (format, target, config, provenance)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {
         name: t.detach().to(torch.bfloat16).contiguous() if t.is_floating_point() else t.detach().contiguous()
         for name, t in model.state_dict().items()
-        if name != EMBED_KEY
+        if not skip(name)
     }
     save_file(tensors, str(directory / WEIGHTS_NAME))
     meta = {
-        "format": "specserve-drafter/1",
+        "format": format_name,
         "target": target_spec,
-        "embedding": "shared with the target (read from its safetensors at load)",
+        "embedding": embedding,
         "llama_config": model.config.to_dict(),
         "vocab_out": int(model.vocab_ids.numel()),
         **(extra or {}),
@@ -121,14 +129,17 @@ def save_drafter(model: DraftLM, directory: str | Path, target_spec: str = "smol
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
+def llama_config(cfg: dict, **overrides) -> LlamaConfig:
+    """A LlamaConfig from a config dict, without the keys that describe a checkpoint, not the model."""
+    cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "dtype", "torch_dtype", "transformers_version")}
+    return LlamaConfig(**{**cfg, **overrides})
+
+
 def load_drafter(directory: str | Path, dtype: torch.dtype = torch.float32, target_dir: str | Path | None = None) -> DraftLM:
     """Loads a drafter directory; the embedding comes from the target named in drafter.json."""
     directory = Path(directory)
     meta = json.loads((directory / CONFIG_NAME).read_text())
-    cfg = dict(meta["llama_config"])
-    for key in ("architectures", "dtype", "torch_dtype", "transformers_version"):
-        cfg.pop(key, None)
-    config = LlamaConfig(**cfg)
+    config = llama_config(meta["llama_config"])
     state = load_file(str(directory / WEIGHTS_NAME))
     model = DraftLM(config, state["vocab_ids"])
     if EMBED_KEY not in state:
