@@ -7,12 +7,14 @@ import asyncio
 import logging
 
 from orchestrator import requests
+from orchestrator.metered import MeteredOrchestratorServicer
 from orchestrator.ngram_pool import NgramPool
 from orchestrator.servicer import OrchestratorServicer, Upstreams
 from orchestrator.upstream import open_channel, wait_for_info
 from specserve.core.tree import MAX_TREE_NODES, TreeShape
 from specserve.runtime.models import DEFAULT_MODEL, load_tokenizer
 from specserve.serving.grpc_server import run_server
+from specserve.serving.metrics import OrchestratorMetrics, serve_metrics
 from specserve.serving.options import env_default
 from specserve.v1 import draft_pb2_grpc, orchestrator_pb2 as pb, orchestrator_pb2_grpc, target_pb2_grpc
 
@@ -42,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a request's speculation.tree_nodes overrides it [env SPECSERVE_TREE_NODES]")
     parser.add_argument("--tree-width", type=int, default=env_default("SPECSERVE_TREE_WIDTH", TreeShape.width),
                         help="nodes of a tree level expanded further [env SPECSERVE_TREE_WIDTH]")
+    parser.add_argument("--metrics-port", type=int, default=env_default("SPECSERVE_METRICS_PORT", 0),
+                        help="serve Prometheus metrics over HTTP on this port, 0 = off [env SPECSERVE_METRICS_PORT]")
     parser.add_argument("--tree-branch", type=int, default=env_default("SPECSERVE_TREE_BRANCH", TreeShape.branch),
                         help="children drafted per expanded node [env SPECSERVE_TREE_BRANCH]")
 
@@ -75,7 +79,12 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
         import redis.asyncio as redis
 
         redis_client = redis.from_url(args.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
-    servicer = OrchestratorServicer(upstreams, tokenizer, limits, pool=None)
+    metrics = OrchestratorMetrics() if args.metrics_port else None
+    if metrics is None:
+        servicer = OrchestratorServicer(upstreams, tokenizer, limits, pool=None)
+    else:
+        servicer = MeteredOrchestratorServicer(upstreams, tokenizer, limits, pool=None, metrics=metrics)
+        metrics_server = serve_metrics(metrics.registry, args.host, args.metrics_port)
 
     async def wait_ready() -> None:
         # SERVING only once the target answers (and the draft, when configured).
@@ -84,7 +93,8 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
             # Whether the draft needs the target's hidden states decides the proposer.
             upstreams.draft_info = await wait_for_info("draft", upstreams.draft.GetInfo)
         if redis_client is not None:
-            servicer.pool = NgramPool(redis_client, namespace=upstreams.target_info.model)
+            servicer.pool = NgramPool(redis_client, namespace=upstreams.target_info.model,
+                                      on_lookup=metrics.pool_lookup if metrics else None)
 
     def register(server) -> list[str]:
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, server)
@@ -98,6 +108,8 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
             await draft_channel.close()
         if redis_client is not None:
             await redis_client.aclose()
+        if metrics is not None:
+            metrics_server.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,6 +66,8 @@ def _stack_flags(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per service, 0 = torch's default (use 1 when the cores are shared with other work)")
     parser.add_argument("--log-dir", type=Path, default=None, help="write each service's log here")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also start the OpenAI-compatible gateway (and its page) on this port")
     add_tree_flags(parser)
 
 
@@ -84,7 +86,8 @@ def _stack_config(args: argparse.Namespace):
 
     return StackConfig(target_model=args.target_model, draft_model=args.draft_model or None, dtype=args.dtype,
                        port=args.port, redis=args.redis, default_method=args.default_method, threads=args.threads,
-                       log_dir=args.log_dir, tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch)
+                       log_dir=args.log_dir, tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch,
+                       http_port=args.http_port)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -96,6 +99,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     with Stack(_stack_config(args)) as stack:
         print(f"specserve is up: orchestrator at {stack.address} (Ctrl-C stops everything)", flush=True)
+        if stack.http_address:
+            print(f"OpenAI-compatible API at http://{stack.http_address}/v1, the page at http://{stack.http_address}/", flush=True)
         try:
             signal.pause()
         except KeyboardInterrupt:
@@ -131,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("target", "target_service.main", "run the target service"),
         ("draft", "draft_service.main", "run the draft service"),
         ("orchestrator", "orchestrator.main", "run the orchestrator"),
+        ("gateway", "specserve.gateway.main", "run the OpenAI-compatible HTTP gateway (and its page, /metrics)"),
     ]:
         p = sub.add_parser(name, help=help_text)
         __import__(module, fromlist=["add_arguments"]).add_arguments(p)

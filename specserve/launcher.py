@@ -43,6 +43,24 @@ def wait_serving(address: str, timeout_s: float, process: subprocess.Popen | Non
             time.sleep(0.2)
 
 
+def wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    """Blocks until GET url answers 200 (the gateway's /health: its orchestrator serves)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the process serving {url} exited with code {process.returncode}")
+        with contextlib.suppress(OSError, urllib.error.URLError):
+            with urllib.request.urlopen(url, timeout=1.0) as response:
+                if response.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 @dataclass
 class StackConfig:
     target_model: str = "smollm2"
@@ -57,6 +75,9 @@ class StackConfig:
     tree_nodes: int = TreeShape.nodes
     tree_width: int = TreeShape.width
     tree_branch: int = TreeShape.branch
+    http_port: int | None = None  # the OpenAI-compatible gateway's; None: no gateway; 0 picks a free one
+    served_model_name: str = "smollm2"  # the name the gateway serves the target model under
+    metrics: bool = False  # every service serves Prometheus metrics on a free port (Stack.metrics_addresses)
     extra_env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None  # None: services log to this process's stderr
 
@@ -71,6 +92,8 @@ class Stack:
         self.target_address = ""
         self.draft_address = ""
         self.redis_url = ""
+        self.http_address = ""  # the gateway's host:port, when it runs
+        self.metrics_addresses: dict[str, str] = {}  # service -> host:port of its /metrics, with config.metrics
         self._tmp = tempfile.TemporaryDirectory(prefix="specserve-")
 
     def __enter__(self) -> "Stack":
@@ -102,24 +125,39 @@ class Stack:
         self.redis_url = self._start_redis()
         target_port = free_port()
         self.target_address = f"127.0.0.1:{target_port}"
-        target = self._spawn("target", [py, "-m", "target_service", "--model", c.target_model, "--dtype", c.dtype, "--port", str(target_port)])
+        target = self._spawn("target", [py, "-m", "target_service", "--model", c.target_model, "--dtype", c.dtype, "--port", str(target_port),
+                                          *self._metrics_flags("target")])
         draft = None
         if c.draft_model:
             draft_port = free_port()
             self.draft_address = f"127.0.0.1:{draft_port}"
-            draft = self._spawn("draft", [py, "-m", "draft_service", "--model", c.draft_model, "--dtype", c.dtype, "--port", str(draft_port)])
+            draft = self._spawn("draft", [py, "-m", "draft_service", "--model", c.draft_model, "--dtype", c.dtype, "--port", str(draft_port),
+                                             *self._metrics_flags("draft")])
         port = c.port or free_port()
         self.address = f"127.0.0.1:{port}"
         orchestrator = self._spawn("orchestrator", [
             py, "-m", "orchestrator", "--port", str(port), "--target", self.target_address,
             "--draft", self.draft_address, "--tokenizer", c.tokenizer or c.target_model, "--redis-url", self.redis_url,
             "--default-method", c.default_method, "--tree-nodes", str(c.tree_nodes), "--tree-width", str(c.tree_width),
-            "--tree-branch", str(c.tree_branch),
+            "--tree-branch", str(c.tree_branch), *self._metrics_flags("orchestrator"),
         ])
         wait_serving(self.target_address, 600, target)
         if draft is not None:
             wait_serving(self.draft_address, 600, draft)
         wait_serving(self.address, 120, orchestrator)
+        if c.http_port is not None:
+            http_port = c.http_port or free_port()
+            self.http_address = f"127.0.0.1:{http_port}"
+            gateway = self._spawn("gateway", [py, "-m", "specserve.gateway", "--port", str(http_port), "--orchestrator",
+                                              self.address, "--served-model-name", c.served_model_name])
+            wait_http_ok(f"http://{self.http_address}/health", 60, gateway)
+
+    def _metrics_flags(self, name: str) -> list[str]:
+        if not self.config.metrics:
+            return []
+        port = free_port()
+        self.metrics_addresses[name] = f"127.0.0.1:{port}"
+        return ["--metrics-port", str(port)]
 
     def _start_redis(self) -> str:
         mode = self.config.redis
