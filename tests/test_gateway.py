@@ -16,7 +16,6 @@ import pytest
 from specserve.client import build_request, connect, generate
 from specserve.gateway.translation import from_grpc_error
 from specserve.launcher import free_port, wait_http_ok
-from specserve.v1 import orchestrator_pb2 as pb
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours, then three more."}]
 PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
