@@ -13,7 +13,7 @@ from orchestrator.upstream import open_channel, wait_for_info
 from specserve.core.tree import MAX_TREE_NODES, TreeShape
 from specserve.runtime.models import DEFAULT_MODEL, load_tokenizer
 from specserve.serving.grpc_server import run_server
-from specserve.serving.options import env_default
+from specserve.serving.options import env_default, run_or_exit
 from specserve.v1 import draft_pb2_grpc, orchestrator_pb2 as pb, orchestrator_pb2_grpc, target_pb2_grpc
 
 DEFAULT_PORT = 50051
@@ -103,4 +103,4 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    run_or_exit(run, parser.parse_args(argv), "orchestrator")

@@ -176,8 +176,15 @@ def _add_optional_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from specserve.runtime.models import ModelUnavailable
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModelUnavailable as error:
+        # A setup problem: the message names the missing piece and the command that fixes it.
+        print(f"specserve: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

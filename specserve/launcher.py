@@ -97,8 +97,12 @@ class Stack:
         return process
 
     def start(self) -> None:
+        from specserve.runtime.models import check_available
+
         c = self.config
         py = sys.executable
+        for spec in {c.target_model, c.tokenizer or c.target_model}:
+            check_available(spec)  # a missing model package is named here, not in a service's log
         self.redis_url = self._start_redis()
         target_port = free_port()
         self.target_address = f"127.0.0.1:{target_port}"
@@ -116,10 +120,21 @@ class Stack:
             "--default-method", c.default_method, "--tree-nodes", str(c.tree_nodes), "--tree-width", str(c.tree_width),
             "--tree-branch", str(c.tree_branch),
         ])
-        wait_serving(self.target_address, 600, target)
+        self._wait("target", self.target_address, 600, target)
         if draft is not None:
-            wait_serving(self.draft_address, 600, draft)
-        wait_serving(self.address, 120, orchestrator)
+            self._wait("draft", self.draft_address, 600, draft)
+        self._wait("orchestrator", self.address, 120, orchestrator)
+
+    def _wait(self, name: str, address: str, timeout_s: float, process: subprocess.Popen) -> None:
+        """wait_serving, and when the service dies first, the end of its log in the error."""
+        try:
+            wait_serving(address, timeout_s, process)
+        except (RuntimeError, TimeoutError) as error:
+            log = self.config.log_dir / f"{name}.log" if self.config.log_dir else None
+            if log is None or not log.is_file():
+                raise
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-5:])
+            raise RuntimeError(f"{error}; the end of {log}:\n{tail}") from None
 
     def _start_redis(self) -> str:
         mode = self.config.redis
@@ -129,6 +144,8 @@ class Stack:
             return mode
         server = shutil.which("redis-server")
         if server is None:
+            print("redis-server is not installed: running without the shared n-gram pool "
+                  "(apt-get install -y redis-server adds it)", file=sys.stderr, flush=True)
             return ""
         port = free_port()
         process = self._spawn("redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
