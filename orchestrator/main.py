@@ -14,6 +14,10 @@ from specserve.core.tree import MAX_TREE_NODES, TreeShape
 from specserve.runtime.models import DEFAULT_MODEL, load_tokenizer
 from specserve.serving.grpc_server import run_server
 from specserve.serving.options import env_default, run_or_exit
+from specserve.serving.security import (
+    BearerTokenInterceptor, add_auth_arguments, add_server_tls_arguments, add_upstream_tls_arguments, load_tokens, server_tls,
+    upstream_tls,
+)
 from specserve.v1 import draft_pb2_grpc, orchestrator_pb2 as pb, orchestrator_pb2_grpc, target_pb2_grpc
 
 DEFAULT_PORT = 50051
@@ -45,6 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nodes of a tree level expanded further [env SPECSERVE_TREE_WIDTH]")
     parser.add_argument("--tree-branch", type=int, default=env_default("SPECSERVE_TREE_BRANCH", TreeShape.branch),
                         help="children drafted per expanded node [env SPECSERVE_TREE_BRANCH]")
+    add_server_tls_arguments(parser)
+    add_auth_arguments(parser)
+    add_upstream_tls_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -65,9 +72,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -> None:
+    tls = upstream_tls(args)
+    credentials = tls.credentials() if tls else None
     upstreams = Upstreams(
-        target=ReplicaSet("target", args.target, target_pb2_grpc.TargetServiceStub),
-        draft=ReplicaSet("draft", args.draft, draft_pb2_grpc.DraftServiceStub) if args.draft else None,
+        target=ReplicaSet("target", args.target, target_pb2_grpc.TargetServiceStub, credentials=credentials),
+        draft=ReplicaSet("draft", args.draft, draft_pb2_grpc.DraftServiceStub, credentials=credentials) if args.draft else None,
     )
     # Discovery and health polls run for the server's lifetime.
     watchers = [asyncio.create_task(replicas.run()) for replicas in (upstreams.target, upstreams.draft) if replicas]
@@ -92,7 +101,9 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
         return [pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name]
 
     try:
-        await run_server(register, args.host, args.port, wait_ready=wait_ready, with_reflection=True)
+        tokens = load_tokens(args)
+        await run_server(register, args.host, args.port, wait_ready=wait_ready, with_reflection=True, tls=server_tls(args),
+                         interceptors=[BearerTokenInterceptor(tokens)] if tokens else [])
     finally:
         for watcher in watchers:
             watcher.cancel()

@@ -82,8 +82,9 @@ class ReplicaSet:
     """Every replica of one service, kept current by a background task (`run`)."""
 
     def __init__(self, name: str, spec: str, make_stub: Callable[[grpc.aio.Channel], object],
-                 timing: ReplicaTiming = ReplicaTiming()):
+                 timing: ReplicaTiming = ReplicaTiming(), credentials: grpc.ChannelCredentials | None = None):
         self.name = name
+        self.credentials = credentials  # TLS (mutual, with a client certificate) to every replica; None: plaintext
         self.kind, self.where = parse_addresses(spec)
         self.make_stub = make_stub
         self.timing = timing
@@ -150,7 +151,8 @@ class ReplicaSet:
             return  # a failed lookup keeps what we know
         for address in addresses:
             if address not in self.replicas:
-                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channel = (grpc.aio.secure_channel(address, self.credentials, options=CHANNEL_OPTIONS) if self.credentials
+                           else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
                 self.replicas[address] = Replica(address, channel, self.make_stub(channel))
                 log.info("%s replica %s added", self.name, address)
         for address in [a for a in self.replicas if a not in addresses]:

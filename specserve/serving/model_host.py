@@ -65,6 +65,7 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
 
     from specserve.loading import load_model
     from specserve.serving.grpc_server import run_server
+    from specserve.serving.security import server_tls
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
     if not args.model:
@@ -75,7 +76,7 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
         add_to_server(make_servicer(host), server)
         return [service.full_name]
 
-    asyncio.run(run_server(register, args.host, args.port))
+    asyncio.run(run_server(register, args.host, args.port, tls=server_tls(args)))
 
 
 class SessionServicer:
