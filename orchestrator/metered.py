@@ -43,4 +43,4 @@ def _observe(tracker: RequestMetrics, response: pb.GenerateResponse) -> None:
     tracker.chunk(len(response.token_ids))
     if response.HasField("stats"):
         stats = response.stats
-        tracker.finish(stats.proposed_tokens, stats.accepted_tokens, stats.target_forward_passes)
+        tracker.finish(stats.proposed_tokens, stats.accepted_tokens, stats.target_forward_passes, stats.failovers)

@@ -10,7 +10,6 @@ import urllib.request
 from pathlib import Path
 
 import openai
-import pytest
 import yaml
 
 from specserve.client import build_request, connect, generate

@@ -67,7 +67,9 @@ class Gateway:
         if body.model != self.model_name:
             raise tr.GatewayError(404, f"model: {body.model!r} is not served here; GET /v1/models lists {self.model_name!r}",
                                   param="model", code="model_not_found")
-        call = self.stub.Generate(tr.to_generate_request(body))
+        # The client's key travels on to the orchestrator: one started with --auth-token-file checks it.
+        authorization = request.headers.get("authorization")
+        call = self.stub.Generate(tr.to_generate_request(body), metadata=[("authorization", authorization)] if authorization else None)
         self.metrics.active.inc()
         try:
             first = await _read(call)
@@ -150,13 +152,19 @@ def _requested_method(body) -> str:
     return method.lower() if method else "default"
 
 
-def create_app(orchestrator: str, model_name: str, api_key: str | None = None, metrics: GatewayMetrics | None = None) -> FastAPI:
-    """The gateway for the orchestrator at `orchestrator` (host:port), serving `model_name`."""
+def create_app(orchestrator: str, model_name: str, api_key: str | None = None, metrics: GatewayMetrics | None = None,
+               tls_ca: str | None = None) -> FastAPI:
+    """The gateway for the orchestrator at `orchestrator` (host:port), serving `model_name`;
+    TLS to the orchestrator, checked against the CA file `tls_ca`, when given."""
     gateway = Gateway(orchestrator, model_name, api_key, metrics or GatewayMetrics())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        gateway.channel = grpc.aio.insecure_channel(orchestrator, options=CHANNEL_OPTIONS)
+        if tls_ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            gateway.channel = grpc.aio.secure_channel(orchestrator, credentials, options=CHANNEL_OPTIONS)
+        else:
+            gateway.channel = grpc.aio.insecure_channel(orchestrator, options=CHANNEL_OPTIONS)
         gateway.stub = orchestrator_pb2_grpc.OrchestratorStub(gateway.channel)
         gateway.health = health_pb2_grpc.HealthStub(gateway.channel)
         yield

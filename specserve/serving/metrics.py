@@ -78,6 +78,8 @@ class OrchestratorMetrics:
                                          "Tokens produced per target decoding forward pass; sum/count is the mean accepted length (tau)",
                                          ["method"], buckets=ACCEPTED_LENGTH_BUCKETS, registry=r)
         self.target_forward = Counter(p + "target_forward_passes", "Forward passes of the target, prefill included", ["method"], registry=r)
+        self.failovers = Counter(p + "failovers", "Sessions moved to another replica mid-request (target and draft)",
+                                 ["method"], registry=r)
         self.upstream_errors = Counter(p + "upstream_errors", "Failed calls to the target or draft services by status code",
                                        ["service", "code"], registry=r)
         self.pool_lookups = Counter(p + "ngram_pool_lookups", "Lookups in the shared n-gram pool by result (hit: a continuation came back)",
@@ -126,8 +128,9 @@ class RequestMetrics:
         m.generated.labels(method).inc(tokens)
         self.last = now
 
-    def finish(self, proposed: int, accepted: int, target_forward_passes: int) -> None:
+    def finish(self, proposed: int, accepted: int, target_forward_passes: int, failovers: int = 0) -> None:
         m, method = self.metrics, self.method
+        m.failovers.labels(method).inc(failovers)
         m.proposed.labels(method).inc(proposed)
         m.accepted.labels(method).inc(accepted)
         m.target_forward.labels(method).inc(target_forward_passes)

@@ -12,7 +12,7 @@ from typing import TypeVar
 import torch
 
 from specserve.core.sampling import SamplingConfig
-from specserve.runtime.models import LoadedModel
+from specserve.runtime.engine import Engine
 from specserve.serving.grpc_server import SessionLimit, status_on_error
 from specserve.serving.metrics import ModelServiceMetrics, serve_metrics
 from specserve.v1 import common_pb2, model_service_pb2
@@ -27,7 +27,7 @@ class ModelHost:
     forward pass), and the event loop stays free to move messages.
     """
 
-    def __init__(self, loaded: LoadedModel, max_sessions: int, threads: int | None = None,
+    def __init__(self, loaded: Engine, max_sessions: int, threads: int | None = None,
                  metrics: ModelServiceMetrics | None = None):
         self.loaded = loaded
         self.sessions = SessionLimit(max_sessions)
@@ -82,8 +82,9 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
     """
     import logging
 
-    from specserve.runtime.models import load_model
+    from specserve.loading import load_model
     from specserve.serving.grpc_server import run_server
+    from specserve.serving.security import server_tls
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
     if not args.model:
@@ -98,7 +99,7 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
         add_to_server(make_servicer(host), server)
         return [service.full_name]
 
-    asyncio.run(run_server(register, args.host, args.port))
+    asyncio.run(run_server(register, args.host, args.port, tls=server_tls(args)))
 
 
 class SessionServicer:
@@ -122,12 +123,16 @@ class SessionServicer:
         async with status_on_error(context):
             with self.host.sessions.hold(), metrics.session() if metrics else contextlib.nullcontext():
                 worker = self.new_worker()
-                async for request in request_iterator:
-                    began = time.perf_counter()
-                    response = await self._handle(worker, request)
-                    if metrics is not None:
-                        metrics.observe_op(request, time.perf_counter() - began)
-                    yield response
+                try:
+                    async for request in request_iterator:
+                        began = time.perf_counter()
+                        response = await self._handle(worker, request)
+                        if metrics is not None:
+                            metrics.observe_op(request, time.perf_counter() - began)
+                        yield response
+                finally:
+                    # On the model thread: an op of this session may still be running there.
+                    await self.host.run(worker.close)
 
     def new_worker(self):
         return self.worker_class(self.host.loaded)
