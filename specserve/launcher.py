@@ -186,6 +186,17 @@ class Stack:
         """The child process of that log name (e.g. "target-1"), to stop or kill in tests."""
         return next(process for n, process in self.processes if n == name)
 
+    def _wait(self, name: str, address: str, timeout_s: float, process: subprocess.Popen) -> None:
+        """wait_serving, and when the service dies first, the end of its log in the error."""
+        try:
+            wait_serving(address, timeout_s, process)
+        except (RuntimeError, TimeoutError) as error:
+            log = self.config.log_dir / f"{name}.log" if self.config.log_dir else None
+            if log is None or not log.is_file():
+                raise
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-5:])
+            raise RuntimeError(f"{error}; the end of {log}:\n{tail}") from None
+
     def _start_redis(self) -> str:
         mode = self.config.redis
         if mode == "off":

@@ -39,8 +39,24 @@ def scrape_all(addresses) -> dict[str, dict]:
     return {name: scrape(address) for name, address in addresses.items()}
 
 
+def settled(addresses) -> dict[str, dict]:
+    """A scrape once no request is in flight anywhere: a server counts a request as it ends,
+    which can be just after its client has read the last message."""
+    deadline = time.monotonic() + 10
+    while True:
+        samples = scrape_all(addresses)
+        busy = (value(samples["orchestrator"], "specserve_orchestrator_active_requests")
+                + value(samples["target"], "specserve_target_active_sessions")
+                + value(samples["draft"], "specserve_draft_active_sessions")
+                + value(samples["gateway"], "specserve_gateway_active_requests"))
+        if busy == 0:
+            return samples
+        assert time.monotonic() < deadline, "requests still in flight after their clients finished"
+        time.sleep(0.05)
+
+
 def test_counters_move_as_the_requests_did(client, addresses):
-    before = scrape_all(addresses)
+    before = settled(addresses)
     speculative = [client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=max_tokens, temperature=0,
                                                   extra_body={"speculation": {"method": "draft_model", "num_speculative_tokens": 3}})
                    for max_tokens in (12, 17)]
@@ -51,7 +67,7 @@ def test_counters_move_as_the_requests_did(client, addresses):
     lookup_stats = streamed[-1].model_extra["speculation"]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=100_000)
-    after = scrape_all(addresses)
+    after = settled(addresses)
 
     def delta(service, name, **labels):
         return value(after[service], name, **labels) - value(before[service], name, **labels)

@@ -90,6 +90,7 @@ class Gateway:
             while not last.finish_reason:
                 last = await _read(call)
                 text += last.text
+            await _end(call)
         finally:
             self.metrics.active.dec()
             call.cancel()
@@ -108,6 +109,7 @@ class Gateway:
             while True:
                 yield _sse(tr.chunk(chat, ident, created, model, response.text, response))
                 if response.finish_reason:
+                    await _end(call)
                     break
                 response = await _read(call)
             if include_usage:
@@ -145,6 +147,15 @@ async def _read(call) -> pb.GenerateResponse:
         code = await call.code()
         raise tr.from_grpc_error(code, await call.details() or "the orchestrator ended the stream early")
     return response
+
+
+async def _end(call) -> None:
+    """Reads the call to its end after the last message, so that it finishes OK (the finally's
+    cancel() is then a no-op) rather than as cancelled in the orchestrator's books."""
+    try:
+        await call.read()
+    except grpc.aio.AioRpcError:
+        pass  # the answer is complete; how the call ended changes nothing for this client
 
 
 def _requested_method(body) -> str:

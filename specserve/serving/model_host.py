@@ -42,7 +42,12 @@ class ModelHost:
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         self._submitted += 1
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._begin, fn, *args)
+        future = self._executor.submit(self._begin, fn, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            if future.cancelled():  # the caller went away before the call began: it never will
+                self._submitted -= 1
 
     def _begin(self, fn: Callable[..., T], *args) -> T:
         self._begun += 1
