@@ -74,6 +74,7 @@ def _stack_flags(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--draft-replicas", type=int, default=1, help="draft service processes behind the orchestrator")
     parser.add_argument("--http-port", type=int, default=None,
                         help="also start the OpenAI-compatible gateway (and its page) on this port")
+    parser.add_argument("--metrics", action="store_true", help="every gRPC service serves Prometheus metrics on a free port")
     add_tree_flags(parser)
 
 
@@ -94,7 +95,7 @@ def _stack_config(args: argparse.Namespace):
                        port=args.port, redis=args.redis, default_method=args.default_method, threads=args.threads,
                        log_dir=args.log_dir, tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch,
                        target_replicas=args.target_replicas, draft_replicas=args.draft_replicas,
-                       auth_token_file=args.auth_token_file, http_port=args.http_port)
+                       auth_token_file=args.auth_token_file, http_port=args.http_port, metrics=args.metrics)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -108,6 +109,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"specserve is up: orchestrator at {stack.address} (Ctrl-C stops everything)", flush=True)
         if stack.http_address:
             print(f"OpenAI-compatible API at http://{stack.http_address}/v1, the page at http://{stack.http_address}/", flush=True)
+        for name, address in stack.metrics_addresses.items():
+            print(f"{name} metrics at http://{address}/metrics", flush=True)
         try:
             signal.pause()
         except KeyboardInterrupt:
