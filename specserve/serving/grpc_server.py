@@ -12,7 +12,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from specserve.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
+from specserve.core.errors import (
+    DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented,
+)
 from specserve.serving.security import ServerTls
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ _STATUS = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
@@ -51,6 +54,9 @@ async def status_on_error(context: grpc.aio.ServicerContext) -> AsyncIterator[No
     try:
         yield
     except tuple(_STATUS) as error:
+        retry_after_ms = getattr(error, "retry_after_ms", None)
+        if retry_after_ms is not None:
+            context.set_trailing_metadata((("retry-after-ms", str(retry_after_ms)),))
         await context.abort(_STATUS[type(error)], str(error))
     except UpstreamError as error:
         await context.abort(error.code, str(error))
