@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast protos up clean
+.PHONY: install demo test test-fast fuzz protos up clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# 10,000 fuzzed requests against the API and 10,000 raw payloads against each service's wire.
+fuzz: install
+	SPECSERVE_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 protos: install
 	$(BIN)/python -m specserve.protogen

@@ -16,6 +16,7 @@ from specserve.core.errors import (
     DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented,
 )
 from specserve.serving.security import ServerTls
+from specserve.serving.wire import MalformedRequestInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ async def run_server(
     names a client CA); `interceptors` see every call (e.g. bearer-token checks).
     """
     # No SO_REUSEPORT: a second server on a taken port must fail, not share its traffic.
-    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)], interceptors=list(interceptors))
+    # Undecodable requests get INVALID_ARGUMENT first; then the caller's interceptors (e.g. tokens).
+    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+                             interceptors=[MalformedRequestInterceptor(), *interceptors])
     names = register(server)
     health_servicer = health.aio.HealthServicer()
     # The servicer starts with the overall status SERVING; say NOT_SERVING until ready.
