@@ -75,6 +75,7 @@ class FailoverTargetSession:
         self.replica = None
         self.record: list[int] = []  # the tokens the target's cache holds
         self.failovers = 0
+        self.closed = False  # the request is over: a session that opens now closes at once
         self._start_args: tuple[SamplingConfig, int, bool] | None = None
 
     @property
@@ -121,16 +122,24 @@ class FailoverTargetSession:
             try:
                 first = await race_failure(asyncio.wait_for(session.start(prompt, sampling, seed, return_hidden),
                                                             self.policy.op_timeout_s), replica)
-            except (UpstreamError, ReplicaFailed, asyncio.TimeoutError) as error:
+            except BaseException as error:  # a cancelled request too: its half-open stream must not leak
                 session.close()
                 self.replicas.release(replica)
+                if not isinstance(error, (UpstreamError, ReplicaFailed, asyncio.TimeoutError)):
+                    raise
                 if not (isinstance(error, asyncio.TimeoutError) or _movable(error)):
                     raise
                 tried.add(replica.address)
-                full = isinstance(error, UpstreamError) and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-                if not full:  # full: another orchestrator took the last slot; wait like any full replica
+                # Full (another request took the last slot) or refused before the start op went out:
+                # the replica is alive, so wait like for any full replica; else it failed.
+                alive = isinstance(error, UpstreamError) and (error.code == grpc.StatusCode.RESOURCE_EXHAUSTED or error.unsent)
+                if not alive:
                     self.replicas.mark_failed(replica, str(error) or "no answer")
                 continue
+            if self.closed:  # the request ended while this session opened
+                session.close()
+                self.replicas.release(replica)
+                raise asyncio.CancelledError()
             self.session, self.replica = session, replica
             if not first_open:
                 log.info("target session moved to %s with %d tokens", replica.address, len(prompt))
@@ -164,8 +173,10 @@ class FailoverTargetSession:
         log.warning("target replica %s lost mid-request (%s); moving the session", self.replica.address, error)
         self.replicas.mark_failed(self.replica, str(error))
         self.close()
+        self.closed = False  # only this replica's session ended; the request goes on
 
     def close(self) -> None:
+        self.closed = True
         if self.session is not None:
             self.session.close()
             self.replicas.release(self.replica)
@@ -194,6 +205,7 @@ class FailoverDraftProposer:
         self._start_args: tuple[list[int], SamplingConfig, int] | None = None
         self._next_try = 0.0
         self.last_compute_ms = 0.0
+        self.closed = False  # the request is over: a session that opens now closes at once
 
     @property
     def forward_passes(self) -> int:
@@ -241,13 +253,19 @@ class FailoverDraftProposer:
             inner = self.make(replica.stub, self.policy.stream_timeout_s())
             try:
                 await race_failure(asyncio.wait_for(inner.start(prompt, sampling, seed), self.policy.op_timeout_s), replica)
-            except (UpstreamError, ReplicaFailed, asyncio.TimeoutError) as error:
+            except BaseException as error:  # a cancelled request too: its half-open stream must not leak
                 inner.close()
                 self.replicas.release(replica)
+                if not isinstance(error, (UpstreamError, ReplicaFailed, asyncio.TimeoutError)):
+                    raise
                 if not (isinstance(error, asyncio.TimeoutError) or _movable(error)):
                     raise
                 tried.add(replica.address)
                 continue
+            if self.closed:  # the request ended while this session opened (e.g. its target start failed)
+                inner.close()
+                self.replicas.release(replica)
+                return False
             if self.needs_target_hidden_states and self.history:
                 inner.observe_target_hidden_states(hidden_states.concat(self.history))
             self.inner, self.replica = inner, replica
@@ -255,9 +273,11 @@ class FailoverDraftProposer:
 
     def _drop(self) -> None:
         self.close()
+        self.closed = False  # only this replica's session ended; the request goes on
         self._next_try = 0.0
 
     def close(self) -> None:
+        self.closed = True
         if self.inner is not None:
             self._forward_passes_before += self.inner.forward_passes
             self.inner.close()

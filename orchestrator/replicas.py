@@ -240,6 +240,8 @@ async def race_failure(operation, replica: Replica):
         failed.cancel()
         if not task.done():
             task.cancel()
+            # The operation may still end with its own error (its stream was closed under it): nobody waits for it.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 class ReplicaFailed(Exception):

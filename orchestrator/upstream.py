@@ -38,13 +38,19 @@ class _Stream:
     async def request(self, message):
         try:
             await self.call.write(message)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
+            # The stream ended before the op went out: the service refused the session (full) or
+            # dropped it. gRPC may report only "Internal error from Core" here; the stream's own
+            # status, when it has one, says which.
+            code = await self.call.code()
+            if code in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED):
+                code = grpc.StatusCode.UNAVAILABLE
+            raise UpstreamError(code, f"{self.name} service ended the session before the op was sent: "
+                                      f"{await self.call.details()}", unsent=True) from error
+        try:
             response = await self.call.read()
         except grpc.aio.AioRpcError as error:
             raise UpstreamError(error.code(), f"{self.name} service: {error.details()}") from error
-        except asyncio.InvalidStateError as error:  # the stream had already ended (its service died)
-            code = await self.call.code()
-            code = grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.OK else code
-            raise UpstreamError(code, f"{self.name} service ended the session: {await self.call.details()}") from error
         if response is grpc.aio.EOF:
             code = await self.call.code()
             raise UpstreamError(code, f"{self.name} service ended the session: {await self.call.details()}")

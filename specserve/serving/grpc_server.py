@@ -44,9 +44,10 @@ _STATUS = {
 class UpstreamError(Exception):
     """A call to another service failed; carries its status to our caller."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, unsent: bool = False):
         super().__init__(message)
         self.code = code
+        self.unsent = unsent  # the op never reached the service (its stream had already ended)
 
 
 @contextlib.asynccontextmanager
