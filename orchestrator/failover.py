@@ -60,7 +60,8 @@ class SessionPolicy:
         return None if self.deadline is None else max(0.0, self.deadline - asyncio.get_running_loop().time())
 
 
-def _movable(error: Exception) -> bool:
+def _movable(error: BaseException) -> bool:
+    """The replica failed, not the request: the session should move."""
     return isinstance(error, ReplicaFailed) or (isinstance(error, UpstreamError) and error.code in MOVABLE)
 
 
@@ -125,8 +126,6 @@ class FailoverTargetSession:
             except BaseException as error:  # a cancelled request too: its half-open stream must not leak
                 session.close()
                 self.replicas.release(replica)
-                if not isinstance(error, (UpstreamError, ReplicaFailed, asyncio.TimeoutError)):
-                    raise
                 if not (isinstance(error, asyncio.TimeoutError) or _movable(error)):
                     raise
                 tried.add(replica.address)
@@ -256,8 +255,6 @@ class FailoverDraftProposer:
             except BaseException as error:  # a cancelled request too: its half-open stream must not leak
                 inner.close()
                 self.replicas.release(replica)
-                if not isinstance(error, (UpstreamError, ReplicaFailed, asyncio.TimeoutError)):
-                    raise
                 if not (isinstance(error, asyncio.TimeoutError) or _movable(error)):
                     raise
                 tried.add(replica.address)
