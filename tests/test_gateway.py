@@ -200,3 +200,9 @@ def test_grpc_status_to_http_status(code, status):
     assert error.body()["error"]["param"] == "speculation.method"
     assert error.body()["error"]["type"] == ("rate_limit_error" if status == 429 else "authentication_error" if status == 401
                                             else "invalid_request_error" if status < 500 else "server_error")
+
+
+def test_retry_after_travels_with_a_429():
+    error = from_grpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "every target replica is full; retry in a few seconds", 2000)
+    assert error.status == 429 and error.headers == {"Retry-After": "2"}
+    assert from_grpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", 1).headers == {"Retry-After": "1"}

@@ -142,11 +142,18 @@ async def _read(call) -> pb.GenerateResponse:
     try:
         response = await call.read()
     except grpc.aio.AioRpcError as error:
-        raise tr.from_grpc_error(error.code(), error.details()) from None
+        raise tr.from_grpc_error(error.code(), error.details(), _retry_after_ms(error.trailing_metadata())) from None
     if response is grpc.aio.EOF:
         code = await call.code()
         raise tr.from_grpc_error(code, await call.details() or "the orchestrator ended the stream early")
     return response
+
+
+def _retry_after_ms(metadata) -> int | None:
+    for key, value in metadata or ():
+        if key == "retry-after-ms" and str(value).isdigit():
+            return int(value)
+    return None
 
 
 async def _end(call) -> None:
@@ -188,7 +195,7 @@ def create_app(orchestrator: str, model_name: str, api_key: str | None = None, m
     @app.exception_handler(tr.GatewayError)
     async def gateway_error(request: Request, error: tr.GatewayError) -> JSONResponse:
         gateway.metrics.requests.labels(request.url.path, str(error.status)).inc()
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

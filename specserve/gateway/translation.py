@@ -21,11 +21,13 @@ UINT64_MAX = 2**64 - 1
 class GatewayError(Exception):
     """An error answered as OpenAI does: HTTP status and {"error": {message, type, param, code}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.param = param
         self.code = code
+        self.headers = headers or {}  # e.g. Retry-After on a 429
 
     def body(self) -> dict[str, Any]:
         kind = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
@@ -296,13 +298,15 @@ _PARAMS = {"sampling.max_new_tokens": "max_tokens", "sampling.temperature": "tem
 _FIELD = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*(?:\[\d+\](?:\.[a-z_]+)*)?)(?:, [a-z_.]+)*: ")
 
 
-def from_grpc_error(code: grpc.StatusCode, details: str) -> GatewayError:
-    """An OpenAI-style error for a failed Generate call: the status mapped, the field named."""
+def from_grpc_error(code: grpc.StatusCode, details: str, retry_after_ms: int | None = None) -> GatewayError:
+    """An OpenAI-style error for a failed Generate call: the status mapped, the field named, and
+    the server's retry-after-ms (trailing metadata of RESOURCE_EXHAUSTED) as a Retry-After header."""
     status = HTTP_STATUS.get(code, 500)
+    headers = {"Retry-After": str(max(1, -(-retry_after_ms // 1000)))} if retry_after_ms is not None else None
     match = _FIELD.match(details or "")
     param, message = None, details or code.name
     if match:
         param = _PARAMS.get(match.group(1), match.group(1))
         message = param + details[len(match.group(1)):]  # named as the client named it
-    return GatewayError(status, message, param=param, code=code.name.lower())
+    return GatewayError(status, message, param=param, code=code.name.lower(), headers=headers)
 

@@ -66,6 +66,7 @@ class OrchestratorMetrics:
         p, r = "specserve_orchestrator_", self.registry
         self.requests = Counter(p + "requests", "Generate requests by method and outcome", ["method", "outcome"], registry=r)
         self.active = Gauge(p + "active_requests", "Generate requests in progress", registry=r)
+        self.queued = Gauge(p + "queued_requests", "Requests waiting for a target session (the admission queue)", registry=r)
         self.ttft = Histogram(p + "time_to_first_token_seconds", "Time from the request to its first generated token",
                               ["method"], buckets=LATENCY_BUCKETS, registry=r)
         self.per_token = Histogram(p + "time_per_output_token_seconds",
