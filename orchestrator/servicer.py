@@ -15,6 +15,7 @@ from orchestrator.ngram_pool import NgramPool
 from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer, RemoteTargetSession
 from specserve.core.adaptive import SpeculationLength
 from specserve.core.errors import Unavailable
+from specserve.core.medusa_proposer import ColocatedMedusaProposer
 from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.speculate import DecodeRequest, Finish, decode
 from specserve.core.text import IncrementalDetokenizer, StopStringFilter
@@ -48,7 +49,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             info = self.upstreams.target_info
             if info is None:
                 raise Unavailable("the target service has not answered yet; retry shortly")
-            job = requests.parse(request, self.tokenizer, self.limits, info.max_context_tokens, self.upstreams.draft is not None)
+            job = requests.parse(request, self.tokenizer, self.limits, info.max_context_tokens, self.upstreams.draft is not None,
+                                 medusa_heads=info.medusa_num_heads)
             target = RemoteTargetSession(self.upstreams.target)
             proposer = self._proposer(job)
             speculation = SpeculationLength(job.k, k_max=self.limits.max_speculative_tokens, fixed=job.fixed_length) if job.k else None
@@ -94,6 +96,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                             time_to_first_token_ms=first_token_ms or 0.0,
                             method=job.method,
                             draft_forward_passes=proposer.forward_passes if proposer else 0,
+                            lossy=job.lossy,
                             step_timings=[
                                 pb.StepTiming(wall_ms=s.wall_ms, compute_ms=s.compute_ms, proposed=s.proposed, accepted=s.accepted)
                                 for s in stats.steps or []
@@ -111,6 +114,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                     self._in_background(self.pool.add(job.prompt_ids + generated))
 
     def _proposer(self, job: requests.Job):
+        if job.method == pb.MEDUSA:
+            return ColocatedMedusaProposer(job.medusa)  # the target's own heads: no draft session
         if job.method == pb.DRAFT_MODEL:
             info = self.upstreams.draft_info
             if info is None:

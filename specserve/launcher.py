@@ -57,6 +57,9 @@ class StackConfig:
     tree_nodes: int = TreeShape.nodes
     tree_width: int = TreeShape.width
     tree_branch: int = TreeShape.branch
+    # Medusa heads beside the target (its --medusa): None: the target's default ("auto": the
+    # shipped heads for the default model); "": none; or a checkpoint directory.
+    target_medusa: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None  # None: services log to this process's stderr
 
@@ -102,7 +105,9 @@ class Stack:
         self.redis_url = self._start_redis()
         target_port = free_port()
         self.target_address = f"127.0.0.1:{target_port}"
-        target = self._spawn("target", [py, "-m", "target_service", "--model", c.target_model, "--dtype", c.dtype, "--port", str(target_port)])
+        medusa = [] if c.target_medusa is None else ["--medusa", c.target_medusa]
+        target = self._spawn("target", [py, "-m", "target_service", "--model", c.target_model, "--dtype", c.dtype,
+                                        "--port", str(target_port), *medusa])
         draft = None
         if c.draft_model:
             draft_port = free_port()
