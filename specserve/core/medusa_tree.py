@@ -30,16 +30,13 @@ MAX_CHOICE_RANK = 32
 POSTERIOR_THRESHOLD = 0.09
 POSTERIOR_ALPHA = 0.3
 
-# The default tree for 4 heads (22 nodes), chosen by measurement on held-out
-# self-distillation data with the shipped heads (`python -m specserve.bench.medusa_trees`):
-# greedily the nodes that add the most expected accepted length, up to a size whose
-# verify cost this CPU pays back. See specserve/drafts/smollm2-135m-medusa/CARD.md.
+# The default tree for 4 heads (10 nodes), chosen by measurement with the shipped heads on
+# held-out self-distillation text (`python -m specserve.bench.medusa_trees`): nodes added
+# greedily by how much expected accepted length each adds, cut where the next ones add
+# under 2% each (on this CPU a verified token costs more than that in fp32).
+# See specserve/drafts/smollm2-135m-medusa/CARD.md.
 DEFAULT_MEDUSA_CHOICES: tuple[tuple[int, ...], ...] = (
-    (0,), (1,), (2,), (3,),
-    (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0),
-    (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 0, 2),
-    (0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 0), (0, 1, 0, 0), (1, 0, 0, 0),
-    (3, 0), (2, 1),
+    (0,), (1,), (0, 0), (2,), (0, 0, 0), (3,), (6,), (0, 0, 0, 0), (5,), (0, 1),
 )
 
 
