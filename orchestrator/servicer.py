@@ -11,8 +11,10 @@ from dataclasses import dataclass
 import grpc
 
 from orchestrator import requests
+from orchestrator.failover import FailoverDraftProposer, FailoverTargetSession, SessionPolicy
 from orchestrator.ngram_pool import NgramPool
-from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer, RemoteTargetSession
+from orchestrator.replicas import AdmissionQueue, ReplicaSet
+from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer
 from specserve.core.adaptive import SpeculationLength
 from specserve.core.errors import Unavailable
 from specserve.core.medusa_proposer import ColocatedMedusaProposer
@@ -20,7 +22,7 @@ from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.speculate import DecodeRequest, Finish, decode
 from specserve.core.text import IncrementalDetokenizer, StopStringFilter
 from specserve.serving.grpc_server import status_on_error
-from specserve.v1 import draft_pb2_grpc, model_service_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc, target_pb2_grpc
+from specserve.v1 import model_service_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +31,29 @@ FINISH = {Finish.LENGTH: pb.LENGTH, Finish.STOP: pb.STOP, Finish.EOS: pb.EOS}
 
 @dataclass
 class Upstreams:
-    target: target_pb2_grpc.TargetServiceStub
-    draft: draft_pb2_grpc.DraftServiceStub | None
-    target_info: model_service_pb2.ModelInfo | None = None  # set once the target answers
-    draft_info: model_service_pb2.ModelInfo | None = None  # set once the draft answers
+    """The replicas of the target service and of the draft service (None: no draft)."""
+
+    target: ReplicaSet
+    draft: ReplicaSet | None
+
+    @property
+    def target_info(self) -> model_service_pb2.ModelInfo | None:  # None until a target replica answers
+        return self.target.info()
+
+    @property
+    def draft_info(self) -> model_service_pb2.ModelInfo | None:  # None until a draft replica answers
+        return self.draft.info() if self.draft is not None else None
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
-    def __init__(self, upstreams: Upstreams, tokenizer, limits: requests.Limits, pool: NgramPool | None):
+    def __init__(self, upstreams: Upstreams, tokenizer, limits: requests.Limits, pool: NgramPool | None,
+                 admission: AdmissionQueue | None = None, op_timeout_s: float = 60.0):
         self.upstreams = upstreams
         self.tokenizer = tokenizer
         self.limits = limits
         self.pool = pool
+        self.admission = admission or AdmissionQueue()  # requests waiting for a target session
+        self.op_timeout_s = op_timeout_s
         self._background: set[asyncio.Task] = set()
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -51,8 +64,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                 raise Unavailable("the target service has not answered yet; retry shortly")
             job = requests.parse(request, self.tokenizer, self.limits, info.max_context_tokens, self.upstreams.draft is not None,
                                  medusa_heads=info.medusa_num_heads)
-            target = RemoteTargetSession(self.upstreams.target)
-            proposer = self._proposer(job)
+            remaining_s = context.time_remaining()  # the client's deadline, propagated to every upstream stream
+            loop = asyncio.get_running_loop()
+            policy = SessionPolicy(None if remaining_s is None else loop.time() + remaining_s, self.op_timeout_s)
+            target = FailoverTargetSession(self.upstreams.target, self.admission, policy)
+            proposer = self._proposer(job, policy)
             speculation = SpeculationLength(job.k, k_max=self.limits.max_speculative_tokens, fixed=job.fixed_length) if job.k else None
             decoding = DecodeRequest(
                 prompt=job.prompt_ids,
@@ -97,6 +113,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                             method=job.method,
                             draft_forward_passes=proposer.forward_passes if proposer else 0,
                             lossy=job.lossy,
+                            failovers=target.failovers + getattr(proposer, "failovers", 0),
                             step_timings=[
                                 pb.StepTiming(wall_ms=s.wall_ms, compute_ms=s.compute_ms, proposed=s.proposed, accepted=s.accepted)
                                 for s in stats.steps or []
@@ -113,7 +130,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                 if self.pool is not None and generated:
                     self._in_background(self.pool.add(job.prompt_ids + generated))
 
-    def _proposer(self, job: requests.Job):
+    def _proposer(self, job: requests.Job, policy: SessionPolicy):
         if job.method == pb.MEDUSA:
             return ColocatedMedusaProposer(job.medusa)  # the target's own heads: no draft session
         if job.method == pb.DRAFT_MODEL:
@@ -124,8 +141,12 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             # and trees for greedy requests (unless the request's tree_nodes is 0), to which
             # prompt lookup adds its continuation as one more branch.
             if info.needs_target_hidden_states:
-                return WithLookupBranch(RemoteFeatureDraftProposer(self.upstreams.draft, self.limits.tree_shape(job.tree_nodes)))
-            return RemoteDraftProposer(self.upstreams.draft)
+                shape = self.limits.tree_shape(job.tree_nodes)
+                feature_draft = FailoverDraftProposer(
+                    self.upstreams.draft, lambda stub, timeout_s: RemoteFeatureDraftProposer(stub, shape, timeout_s),
+                    needs_target_hidden_states=True, policy=policy)
+                return WithLookupBranch(feature_draft)
+            return FailoverDraftProposer(self.upstreams.draft, RemoteDraftProposer, needs_target_hidden_states=False, policy=policy)
         if job.method == pb.PROMPT_LOOKUP:
             # The pool changes with other traffic, and different proposals consume the
             # random stream differently: a seeded sampling request skips it so that it

@@ -1,45 +1,22 @@
-"""Sessions with the target and draft services over gRPC, as the core loop's interfaces.
+"""Sessions with one target or draft replica over gRPC, as the core loop's interfaces.
 
-A channel per service uses gRPC's round_robin policy over every address its
-name resolves to, so `dns:///target:50052` spreads sessions over all target
-replicas; a session is one stream and stays on the replica that took it.
+A session is one stream and stays on the replica that took it; which replica
+takes it, and what happens when that replica fails, is `replicas` and `failover`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import grpc
 
 from specserve.core.acceptance import Verdict
-from specserve.core.errors import Unavailable
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DraftSequenceTracker, Proposal
 from specserve.core.tree import TreeShape
 from specserve.serving import hidden_states
-from specserve.serving.grpc_server import CHANNEL_OPTIONS, UpstreamError
-from specserve.v1 import common_pb2, draft_pb2, draft_pb2_grpc, model_service_pb2, target_pb2, target_pb2_grpc
-
-log = logging.getLogger(__name__)
-
-
-def open_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")])
-
-
-async def wait_for_info(name: str, get_info, timeout_s: float | None = None) -> model_service_pb2.ModelInfo:
-    """Polls a service's GetInfo until it answers (services load models before listening)."""
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout_s is None else loop.time() + timeout_s
-    while True:
-        try:
-            return await get_info(model_service_pb2.GetInfoRequest(), timeout=2.0)
-        except grpc.aio.AioRpcError as error:
-            if deadline is not None and loop.time() > deadline:
-                raise Unavailable(f"{name} service is not reachable: {error.details()}") from error
-            log.info("waiting for the %s service (%s)", name, error.code().name)
-            await asyncio.sleep(0.5)
+from specserve.serving.grpc_server import UpstreamError
+from specserve.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
 
 
 def _sampling_proto(sampling: SamplingConfig) -> common_pb2.SamplingParams:
@@ -61,6 +38,16 @@ class _Stream:
     async def request(self, message):
         try:
             await self.call.write(message)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
+            # The stream ended before the op went out: the service refused the session (full) or
+            # dropped it. gRPC may report only "Internal error from Core" here; the stream's own
+            # status, when it has one, says which.
+            code = await self.call.code()
+            if code in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED):
+                code = grpc.StatusCode.UNAVAILABLE
+            raise UpstreamError(code, f"{self.name} service ended the session before the op was sent: "
+                                      f"{await self.call.details()}", unsent=True) from error
+        try:
             response = await self.call.read()
         except grpc.aio.AioRpcError as error:
             raise UpstreamError(error.code(), f"{self.name} service: {error.details()}") from error
@@ -75,8 +62,11 @@ class _Stream:
 
 
 class RemoteTargetSession:
-    def __init__(self, stub: target_pb2_grpc.TargetServiceStub):
+    """timeout_s: the stream's deadline (the client's, propagated); None: none."""
+
+    def __init__(self, stub: target_pb2_grpc.TargetServiceStub, timeout_s: float | None = None):
         self.stub = stub
+        self.timeout_s = timeout_s
         self.stream: _Stream | None = None
         self.last_compute_ms = 0.0
         # The last response's HiddenStates message, when the start op asked for them.
@@ -85,7 +75,7 @@ class RemoteTargetSession:
 
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False,
                     medusa: common_pb2.MedusaParams | None = None) -> int:
-        self.stream = _Stream("target", self.stub.Session())
+        self.stream = _Stream("target", self.stub.Session(timeout=self.timeout_s))
         start = target_pb2.TargetStart(prompt_token_ids=prompt, sampling=_sampling_proto(sampling), seed=seed,
                                        return_hidden_states=return_hidden_states)
         if medusa is not None:
@@ -117,15 +107,18 @@ class RemoteTargetSession:
 
 
 class RemoteDraftProposer:
-    def __init__(self, stub: draft_pb2_grpc.DraftServiceStub):
+    """timeout_s: the stream's deadline (the client's, propagated); None: none."""
+
+    def __init__(self, stub: draft_pb2_grpc.DraftServiceStub, timeout_s: float | None = None):
         self.stub = stub
+        self.timeout_s = timeout_s
         self.stream: _Stream | None = None
         self.tracker = DraftSequenceTracker()
         self.forward_passes = 0
         self.last_compute_ms = 0.0
 
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
-        self.stream = _Stream("draft", self.stub.Session())
+        self.stream = _Stream("draft", self.stub.Session(timeout=self.timeout_s))
         start = draft_pb2.DraftStart(prompt_token_ids=prompt, sampling=_sampling_proto(sampling), seed=seed)
         response = await self.stream.request(draft_pb2.DraftRequest(op_id=self.stream.op_id(), start=start))
         self.forward_passes += response.forward_passes
@@ -158,8 +151,8 @@ class RemoteFeatureDraftProposer(RemoteDraftProposer):
 
     needs_target_hidden_states = True
 
-    def __init__(self, stub: draft_pb2_grpc.DraftServiceStub, tree: TreeShape | None = None):
-        super().__init__(stub)
+    def __init__(self, stub: draft_pb2_grpc.DraftServiceStub, tree: TreeShape | None = None, timeout_s: float | None = None):
+        super().__init__(stub, timeout_s)
         self.pending: list[common_pb2.HiddenStates] = []  # not yet sent, in order
         self.tree = tree if tree is not None and tree.nodes > 0 else None
         self.drafts_trees = False  # decided per request, at start
