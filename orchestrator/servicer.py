@@ -17,6 +17,7 @@ from orchestrator.replicas import AdmissionQueue, ReplicaSet
 from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer
 from specserve.core.adaptive import SpeculationLength
 from specserve.core.errors import Unavailable
+from specserve.core.medusa_proposer import ColocatedMedusaProposer
 from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.speculate import DecodeRequest, Finish, decode
 from specserve.core.text import IncrementalDetokenizer, StopStringFilter
@@ -61,7 +62,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             info = self.upstreams.target_info
             if info is None:
                 raise Unavailable("the target service has not answered yet; retry shortly")
-            job = requests.parse(request, self.tokenizer, self.limits, info.max_context_tokens, self.upstreams.draft is not None)
+            job = requests.parse(request, self.tokenizer, self.limits, info.max_context_tokens, self.upstreams.draft is not None,
+                                 medusa_heads=info.medusa_num_heads)
             remaining_s = context.time_remaining()  # the client's deadline, propagated to every upstream stream
             loop = asyncio.get_running_loop()
             policy = SessionPolicy(None if remaining_s is None else loop.time() + remaining_s, self.op_timeout_s)
@@ -120,6 +122,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                             time_to_first_token_ms=first_token_ms or 0.0,
                             method=job.method,
                             draft_forward_passes=proposer.forward_passes if proposer else 0,
+                            lossy=job.lossy,
                             failovers=target.failovers + getattr(proposer, "failovers", 0),
                             step_timings=[
                                 pb.StepTiming(wall_ms=s.wall_ms, compute_ms=s.compute_ms, proposed=s.proposed, accepted=s.accepted)
@@ -138,6 +141,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                     self._in_background(self.pool.add(job.prompt_ids + generated))
 
     def _proposer(self, job: requests.Job, policy: SessionPolicy):
+        if job.method == pb.MEDUSA:
+            return ColocatedMedusaProposer(job.medusa)  # the target's own heads: no draft session
         if job.method == pb.DRAFT_MODEL:
             info = self.upstreams.draft_info
             if info is None:

@@ -207,6 +207,7 @@ def _add_optional_commands(sub) -> None:
         ("bench", "specserve.bench.cli", "benchmark every method side by side"),
         ("train-draft", "specserve.drafter.train_features", "distill a feature draft (the default draft) from the target"),
         ("train-token-draft", "specserve.drafter.train", "distill a small token-level draft model from the target"),
+        ("train-medusa", "specserve.drafter.train_medusa", "train Medusa-1 heads on the frozen target"),
     ]:
         mod = __import__(module, fromlist=["add_arguments", "run"])
         p = sub.add_parser(name, help=help_text)

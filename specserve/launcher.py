@@ -75,6 +75,9 @@ class StackConfig:
     tree_nodes: int = TreeShape.nodes
     tree_width: int = TreeShape.width
     tree_branch: int = TreeShape.branch
+    # Medusa heads beside the target (its --medusa): None: the target's default ("auto": the
+    # shipped heads for the default model); "": none; or a checkpoint directory.
+    target_medusa: str | None = None
     http_port: int | None = None  # the OpenAI-compatible gateway's; None: no gateway; 0 picks a free one
     served_model_name: str = "smollm2"  # the name the gateway serves the target model under
     metrics: bool = False  # every service serves Prometheus metrics on a free port (Stack.metrics_addresses)
@@ -143,8 +146,10 @@ class Stack:
                 name = role if count == 1 else f"{role}-{i}"
                 address = f"127.0.0.1:{free_port()}"
                 addresses.append(address)
+                # Medusa heads beside each target, when configured (else the target's default).
+                medusa = ["--medusa", c.target_medusa] if role == "target" and c.target_medusa is not None else []
                 process = self._spawn(name, [py, "-m", f"{role}_service", "--model", model, "--dtype", c.dtype,
-                                             "--port", address.rpartition(":")[2], *self._metrics_flags(name)])
+                                             "--port", address.rpartition(":")[2], *self._metrics_flags(name), *medusa])
                 services.append((name, address, process))
         port = c.port or free_port()
         self.address = f"127.0.0.1:{port}"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n specserve/v1/model_service.proto\x12\x0cspecserve.v1\"\x10\n\x0eGetInfoRequest\"\xc3\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x07 \x01(\r\x12\"\n\x1aneeds_target_hidden_states\x18\x08 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n specserve/v1/model_service.proto\x12\x0cspecserve.v1\"\x10\n\x0eGetInfoRequest\"\xdd\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x07 \x01(\r\x12\"\n\x1aneeds_target_hidden_states\x18\x08 \x01(\x08\x12\x18\n\x10medusa_num_heads\x18\t \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,5 +34,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_start=50
   _globals['_GETINFOREQUEST']._serialized_end=66
   _globals['_MODELINFO']._serialized_start=69
-  _globals['_MODELINFO']._serialized_end=264
+  _globals['_MODELINFO']._serialized_end=290
 # @@protoc_insertion_point(module_scope)
