@@ -53,6 +53,7 @@ class StackConfig:
     redis: str = "auto"  # "auto": start redis-server if installed; "off"; or a redis:// URL
     default_method: str = "prompt_lookup"
     threads: int = 0
+    engine: str = "auto"  # the model services' --engine: auto, torch, llama.cpp
     # A feature draft's trees for greedy requests (the orchestrator's --tree-* flags; 0 nodes: chains).
     tree_nodes: int = TreeShape.nodes
     tree_width: int = TreeShape.width
@@ -102,12 +103,12 @@ class Stack:
         self.redis_url = self._start_redis()
         target_port = free_port()
         self.target_address = f"127.0.0.1:{target_port}"
-        target = self._spawn("target", [py, "-m", "target_service", "--model", c.target_model, "--dtype", c.dtype, "--port", str(target_port)])
+        target = self._spawn("target", [py, "-m", "target_service", "--model", c.target_model, "--dtype", c.dtype, "--engine", c.engine, "--port", str(target_port)])
         draft = None
         if c.draft_model:
             draft_port = free_port()
             self.draft_address = f"127.0.0.1:{draft_port}"
-            draft = self._spawn("draft", [py, "-m", "draft_service", "--model", c.draft_model, "--dtype", c.dtype, "--port", str(draft_port)])
+            draft = self._spawn("draft", [py, "-m", "draft_service", "--model", c.draft_model, "--dtype", c.dtype, "--engine", c.engine, "--port", str(draft_port)])
         port = c.port or free_port()
         self.address = f"127.0.0.1:{port}"
         orchestrator = self._spawn("orchestrator", [

@@ -69,7 +69,9 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
     if not args.model:
         raise SystemExit(f"{role}: no model given (--model)")
-    host = ModelHost(load_model(args.model, args.dtype, args.device), args.max_sessions, args.threads)
+    engine = load_model(args.model, args.dtype, args.device, engine=args.engine, threads=args.threads)
+    logging.info("%s on the %s engine (%s)", args.model, engine.engine_name, engine.dtype_name)
+    host = ModelHost(engine, args.max_sessions, args.threads)
 
     def register(server) -> list[str]:
         add_to_server(make_servicer(host), server)
