@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # The wheel is built once per CPU and kept in WHEELS; later installs reuse it.
 LLAMA_CPP_VERSION := 0.3.36
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
-LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)' -DLLAMA_CURL=OFF
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)' -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF
 CPU_KEY := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null; echo '$(LLAMA_CPP_CMAKE_ARGS)') | md5sum | cut -c1-12)
 WHEELS ?= $(HOME)/.cache/specserve/wheels/$(CPU_KEY)
 

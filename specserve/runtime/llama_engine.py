@@ -22,13 +22,23 @@ import torch
 # Sequence 0 is the session's sequence; 1..MAX_TREE_LEAVES carry the paths of a tree.
 MAX_TREE_LEAVES = 64
 # Rows per llama_decode call when every row is an output (hidden states): bounds the output buffer.
-HIDDEN_CHUNK = 64
+HIDDEN_CHUNK = 128
 
 
 def _llama():
     import llama_cpp
 
     return llama_cpp
+
+
+def _log_errors_only(level: int, text: bytes, user_data) -> None:
+    if level == 3:  # GGML_LOG_LEVEL_ERROR; llama.cpp's info lines would flood the service log
+        import sys
+
+        print(text.decode("utf-8", "replace"), end="", file=sys.stderr, flush=True)
+
+
+_LOG_CALLBACK = None  # the ctypes wrapper must outlive every call into llama.cpp
 
 
 class LlamaEngine:
@@ -41,7 +51,11 @@ class LlamaEngine:
 
     def __init__(self, spec: str, path: Path, threads: int | None = None, context_tokens: int = 4096,
                  batch_tokens: int = 512):
+        global _LOG_CALLBACK
         ll = _llama()
+        if _LOG_CALLBACK is None:
+            _LOG_CALLBACK = ll.llama_log_callback(_log_errors_only)
+            ll.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
         ll.llama_backend_init()
         params = ll.llama_model_default_params()
         self.model = ll.llama_model_load_from_file(str(path).encode(), params)

@@ -19,6 +19,8 @@ from specserve.runtime.models import gguf_file
 
 PROMPT_LOOKUP_NUM_TOKENS = 10
 CONTEXT_TOKENS = 4096
+# Its prompt lookup keeps logits of every position (context x vocabulary floats): a smaller window.
+LOOKUP_CONTEXT_TOKENS = 2048
 
 
 class LlamaCppRunner:
@@ -40,7 +42,8 @@ class LlamaCppRunner:
                 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
                 draft = LlamaPromptLookupDecoding(num_pred_tokens=PROMPT_LOOKUP_NUM_TOKENS)
-            return Llama(model_path=str(path), n_ctx=CONTEXT_TOKENS, n_threads=threads, n_threads_batch=threads,
+            n_ctx = LOOKUP_CONTEXT_TOKENS if draft is not None else CONTEXT_TOKENS
+            return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                          draft_model=draft, verbose=False)
 
         self._make = make
