@@ -81,6 +81,10 @@ def test_hidden_states_come_with_the_logits(engine):
     step_logits, step_hidden = session.extend_with_hidden([5], logits_for=1)
     assert step_hidden.shape == (1, engine.hidden_size) and torch.isfinite(step_hidden).all()
     torch.testing.assert_close(step_logits, plain.extend([5]), rtol=0, atol=0.05)
+    # The next session reuses the pooled context: without hidden states it must get the last row's logits.
+    session.close()
+    reused = engine.new_session()
+    torch.testing.assert_close(reused.extend(CONTEXT[:20]), logits[-1:], rtol=0, atol=0.05)
 
 
 def test_trees_decode_like_plain_greedy(engine):

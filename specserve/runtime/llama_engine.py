@@ -120,6 +120,7 @@ class LlamaSession:
         self.engine = engine
         self.context = engine._acquire_context()
         self.memory = ll.llama_get_memory(self.context)
+        ll.llama_set_embeddings(self.context, False)  # a pooled context may come with them on
         self.batch = ll.llama_batch_init(engine.batch_tokens, 0, MAX_TREE_LEAVES + 1)
         self.length = 0
         self._embeddings_on = False
