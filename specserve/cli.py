@@ -66,7 +66,10 @@ def _stack_flags(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--redis", default="auto", help="'auto' (start redis-server if installed), 'off', or a redis:// URL")
     parser.add_argument("--default-method", default="prompt_lookup")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per service, 0 = torch's default (use 1 when the cores are shared with other work)")
+                        help="threads per service, 0 = the engine's default (use 1 when the cores are shared with other work)")
+    parser.add_argument("--engine", choices=["auto", "torch", "llama.cpp"], default=os.environ.get("SPECSERVE_ENGINE", "auto"),
+                        help="what runs the models: 'auto' = llama.cpp for GGUF models on the CPU when installed, else torch "
+                             "[env SPECSERVE_ENGINE]")
     parser.add_argument("--log-dir", type=Path, default=None, help="write each service's log here")
     parser.add_argument("--auth-token-file", type=Path, default=None,
                         help="the orchestrator requires a bearer token listed in this file (or set SPECSERVE_AUTH_TOKEN)")
@@ -93,7 +96,7 @@ def _stack_config(args: argparse.Namespace):
 
     return StackConfig(target_model=args.target_model, draft_model=args.draft_model or None, dtype=args.dtype,
                        port=args.port, redis=args.redis, default_method=args.default_method, threads=args.threads,
-                       log_dir=args.log_dir, tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch,
+                       engine=args.engine, log_dir=args.log_dir, tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch,
                        target_replicas=args.target_replicas, draft_replicas=args.draft_replicas,
                        auth_token_file=args.auth_token_file, http_port=args.http_port, metrics=args.metrics)
 

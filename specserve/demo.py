@@ -15,7 +15,7 @@ def run_demo(args: argparse.Namespace, config: StackConfig, make_request) -> int
     method = args.method or config.default_method
     # Service logs go to files, so the terminal shows the generation only.
     config = dataclasses.replace(config, log_dir=config.log_dir or cache_root() / "demo-logs")
-    print(f"starting target ({config.target_model}, {config.dtype}), "
+    print(f"starting target ({config.target_model}, {config.dtype}, engine {config.engine}), "
           f"draft ({config.draft_model or 'none'}), orchestrator and n-gram store (logs in {config.log_dir}) ...",
           file=sys.stderr, flush=True)
     with Stack(config) as stack:

@@ -71,6 +71,7 @@ class StackConfig:
     redis: str = "auto"  # "auto": start redis-server if installed; "off"; or a redis:// URL
     default_method: str = "prompt_lookup"
     threads: int = 0
+    engine: str = "auto"  # the model services' --engine: auto, torch, llama.cpp
     # A feature draft's trees for greedy requests (the orchestrator's --tree-* flags; 0 nodes: chains).
     tree_nodes: int = TreeShape.nodes
     tree_width: int = TreeShape.width
@@ -148,7 +149,7 @@ class Stack:
                 addresses.append(address)
                 # Medusa heads beside each target, when configured (else the target's default).
                 medusa = ["--medusa", c.target_medusa] if role == "target" and c.target_medusa is not None else []
-                process = self._spawn(name, [py, "-m", f"{role}_service", "--model", model, "--dtype", c.dtype,
+                process = self._spawn(name, [py, "-m", f"{role}_service", "--model", model, "--dtype", c.dtype, "--engine", c.engine,
                                              "--port", address.rpartition(":")[2], *self._metrics_flags(name), *medusa])
                 services.append((name, address, process))
         port = c.port or free_port()

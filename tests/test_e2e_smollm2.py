@@ -25,7 +25,7 @@ QUESTION = "What are three tips for staying productive when working from home?"
 @pytest.fixture(scope="module")
 def smollm2_stack(redis_url, tmp_path_factory):
     # The draft service serves the draft shipped in the repository.
-    config = StackConfig(target_model="smollm2", draft_model=default_draft_model(), dtype="float32", port=0, redis=redis_url,
+    config = StackConfig(target_model="smollm2", draft_model=default_draft_model(), dtype="float32", port=0, redis=redis_url, engine="torch",
                          log_dir=tmp_path_factory.mktemp("smollm2-logs"))
     with Stack(config) as stack:
         channel, stub = connect(stack.address)

@@ -4,6 +4,8 @@ Definitions (per mode, method and category, plus an "all" category):
 - tokens_per_s: median over prompts of generated tokens / wall time;
 - speedup: per prompt, wall time of the same mode's AUTOREGRESSIVE run / this run's;
   `speedup` is the median of those ratios, `speedup_geomean` their geometric mean;
+- vs_llama_cpp: median over prompts of this run's tokens/s / llama.cpp's own plain
+  decoding's on the same prompt (the "llama_cpp" peer mode), when it ran;
 - tau: total generated tokens / total decoding target forward passes (prefill excluded);
 - acceptance_rate: total accepted / total proposed (None when nothing was proposed
   or the method does not report it);
@@ -18,7 +20,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
-from specserve.bench.records import BASELINE_METHOD, MODES, METHODS, RunRecord
+from specserve.bench.records import BASELINE_METHOD, MODES, METHODS, PEER, RunRecord
 
 ALL = "all"
 
@@ -68,6 +70,7 @@ def summarize(records: list[RunRecord]) -> list[dict]:
     """Rows per (mode, method, category) and per (mode, method, "all"), in a stable order."""
     references = reference_outputs(records)
     baseline_wall = {(r.mode, r.prompt_id): r.wall_s for r in records if r.method == BASELINE_METHOD}
+    peer_rate = {r.prompt_id: r.tokens_per_s for r in records if (r.mode, r.method) == PEER}
     groups: dict[tuple[str, str, str], list[RunRecord]] = defaultdict(list)
     for record in records:
         groups[(record.mode, record.method, record.category)].append(record)
@@ -77,12 +80,16 @@ def summarize(records: list[RunRecord]) -> list[dict]:
     for (mode, method, category), group in sorted(
         groups.items(), key=lambda item: (order.get(item[0][0], 99), order.get(item[0][1], 99), item[0][2] != ALL, item[0][2])
     ):
-        rows.append(summarize_group(mode, method, category, group, baseline_wall, references))
+        rows.append(summarize_group(mode, method, category, group, baseline_wall, references, peer_rate))
     return rows
 
 
 def summarize_group(mode: str, method: str, category: str, group: list[RunRecord],
-                    baseline_wall: dict[tuple[str, str], float], references: dict[str, list[int]]) -> dict:
+                    baseline_wall: dict[tuple[str, str], float], references: dict[str, list[int]],
+                    peer_rate: dict[str, float] | None = None) -> dict:
+    peer_rate = peer_rate or {}
+    # Tokens per second over the peer's on the same prompt (outputs may differ in length).
+    vs_peer = [r.tokens_per_s / peer_rate[r.prompt_id] for r in group if peer_rate.get(r.prompt_id)]
     speedups = [baseline_wall[(r.mode, r.prompt_id)] / r.wall_s for r in group if (r.mode, r.prompt_id) in baseline_wall and r.wall_s > 0]
     generated = sum(r.generated_tokens for r in group)
     steps = [r.decode_steps for r in group]
@@ -96,6 +103,7 @@ def summarize_group(mode: str, method: str, category: str, group: list[RunRecord
         "tokens_per_s": median(r.tokens_per_s for r in group),
         "speedup": median(speedups),
         "speedup_geomean": geometric_mean(speedups),
+        "vs_llama_cpp": median(vs_peer),
         "tau": ratio(generated, sum(steps)) if None not in steps else None,
         "acceptance_rate": ratio(sum(accepted), sum(proposed)) if None not in proposed and None not in accepted else None,
         "exact_match_rate": exact_match_rate({r.prompt_id: r.token_ids for r in group}, references),

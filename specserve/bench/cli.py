@@ -40,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="N prompts in total, spread round-robin over the categories (N = #categories: one each)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated; autoregressive is always run")
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of distributed,in_process,hf")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help="comma-separated subset of distributed,in_process,hf,llama_cpp (llama.cpp's own decoding: the peer)")
+    parser.add_argument("--engine", choices=["auto", "torch", "llama.cpp"], default="auto",
+                        help="the engine of the stack's and the in-process target (auto: llama.cpp for a GGUF model on the CPU)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--target-model", default=DEFAULT_MODEL)
     parser.add_argument("--draft-model", default=None, help="default: the shipped draft (specserve.runtime.models.default_draft_model())")
@@ -132,7 +135,8 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
     if "distributed" in modes:
         stack = resources.enter_context(Stack(StackConfig(
             target_model=args.target_model, draft_model=draft_model if "draft_model" in methods else None, dtype=args.dtype,
-            port=0, redis=args.redis, default_method="autoregressive", threads=args.threads, log_dir=out / "logs",
+            port=0, redis=args.redis, default_method="autoregressive", threads=args.threads, engine=args.engine,
+            log_dir=out / "logs",
             tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch)))
         address = stack.address
         runner = DistributedRunner(address)
@@ -142,7 +146,9 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
         from specserve.bench.runners.hf import HfRunner
         from specserve.bench.runners.in_process import InProcessRunner
 
-        target = load_model(args.target_model, args.dtype)
+        # transformers' generate needs the PyTorch module: hf mode keeps the torch engine.
+        engine = "torch" if "hf" in modes else args.engine
+        target = load_model(args.target_model, args.dtype, engine=engine, threads=args.threads)
         draft = load_model(draft_model, args.dtype) if "draft_model" in methods else None
         tokenizer = load_tokenizer(args.target_model)
         if "in_process" in modes:
@@ -152,6 +158,20 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
             runners.append(InProcessRunner(target, draft, tokenizer, limits))
         if "hf" in modes:
             runners.append(HfRunner(target, tokenizer, draft))
+    if "llama_cpp" in modes:
+        from specserve.loading import llama_cpp_available
+        from specserve.runtime.models import gguf_file
+
+        if not llama_cpp_available():
+            notes.append("llama_cpp skipped: llama-cpp-python is not installed (make install builds it)")
+        elif gguf_file(args.target_model) is None:
+            notes.append(f"llama_cpp skipped: {args.target_model} is not a GGUF model")
+        else:
+            from specserve.bench.runners.llama_cpp import LlamaCppRunner
+
+            peer = LlamaCppRunner(args.target_model, load_tokenizer(args.target_model), args.threads)
+            resources.callback(peer.close)
+            runners.append(peer)
     jobs = _warm_up(runners, methods, prompts[0], notes)
     records: list[RunRecord] = state["records"]
     with open(out / "outputs.jsonl", "w", encoding="utf-8") as outputs, \
@@ -229,5 +249,6 @@ def _meta(args, prompts, methods, draft_model) -> dict:
         "prompts": [p.prompt_id for p in prompts],
         "max_new_tokens": args.max_new_tokens,
         "threads": args.threads,
+        "engine": args.engine,
         "tree": {"nodes": args.tree_nodes, "width": args.tree_width, "branch": args.tree_branch},
     }

@@ -27,7 +27,7 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, int]]) -> str
 
 MAIN_COLUMNS = [("mode", "mode", 0), ("method", "method", 0), ("category", "category", 0), ("n", "n", 0),
                 ("tokens_per_s", "tok/s (median)", 1), ("speedup", "speedup (median)", 2),
-                ("speedup_geomean", "speedup (geomean)", 2), ("tau", "tau", 2), ("acceptance_rate", "accept rate", 2),
+                ("speedup_geomean", "speedup (geomean)", 2), ("vs_llama_cpp", "tok/s vs llama.cpp", 2), ("tau", "tau", 2), ("acceptance_rate", "accept rate", 2),
                 ("exact_match_rate", "exact match", 2), ("mean_generated_tokens", "mean tokens", 1)]
 COST_COLUMNS = [("method", "method", 0), ("n", "n", 0), ("distributed_tokens_per_s", "distributed tok/s", 1),
                 ("in_process_tokens_per_s", "in-process tok/s", 1), ("throughput_ratio", "distributed / in-process", 2),

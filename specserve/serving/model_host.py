@@ -95,7 +95,9 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
     if not args.model:
         raise SystemExit(f"{role}: no model given (--model)")
     metrics = ModelServiceMetrics(role) if getattr(args, "metrics_port", 0) else None
-    host = ModelHost(load_model(args.model, args.dtype, args.device), args.max_sessions, args.threads, metrics)
+    engine = load_model(args.model, args.dtype, args.device, engine=args.engine, threads=args.threads)
+    logging.info("%s on the %s engine (%s)", args.model, engine.engine_name, engine.dtype_name)
+    host = ModelHost(engine, args.max_sessions, args.threads, metrics)
     if metrics is not None:
         metrics.queued.set_function(lambda: host.queued)
         serve_metrics(metrics.registry, args.host, args.metrics_port)

@@ -23,6 +23,9 @@ def add_model_service_arguments(parser: argparse.ArgumentParser, role: str, port
                         help=f"model: 'smollm2', a .gguf file or a model directory [env {prefix}MODEL]")
     parser.add_argument("--dtype", default=env_default("SPECSERVE_DTYPE", "float32"), choices=["float32", "bfloat16"],
                         help="weights' dtype [env SPECSERVE_DTYPE]")
+    parser.add_argument("--engine", default=env_default("SPECSERVE_ENGINE", "auto"), choices=["auto", "torch", "llama.cpp"],
+                        help="what runs the model: 'auto' = llama.cpp for a GGUF model on the CPU when installed, "
+                             "else torch [env SPECSERVE_ENGINE]")
     parser.add_argument("--device", default=env_default("SPECSERVE_DEVICE", "cpu"), help="torch device [env SPECSERVE_DEVICE]")
     parser.add_argument("--host", default=env_default("SPECSERVE_HOST", "127.0.0.1"), help="address to listen on [env SPECSERVE_HOST]")
     parser.add_argument("--port", type=int, default=env_default(prefix + "PORT", port), help=f"port [env {prefix}PORT]")
@@ -31,7 +34,7 @@ def add_model_service_arguments(parser: argparse.ArgumentParser, role: str, port
     parser.add_argument("--metrics-port", type=int, default=env_default(prefix + "METRICS_PORT", 0),
                         help=f"serve Prometheus metrics over HTTP on this port, 0 = off [env {prefix}METRICS_PORT]")
     parser.add_argument("--threads", type=int, default=env_default("SPECSERVE_THREADS", 0),
-                        help="torch CPU threads, 0 = torch's default [env SPECSERVE_THREADS]")
+                        help="CPU threads (torch or llama.cpp), 0 = the engine's default [env SPECSERVE_THREADS]")
     from specserve.serving.security import add_server_tls_arguments
 
     add_server_tls_arguments(parser)
