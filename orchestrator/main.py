@@ -9,7 +9,7 @@ import logging
 from orchestrator import requests
 from orchestrator.ngram_pool import NgramPool
 from orchestrator.servicer import OrchestratorServicer, Upstreams
-from orchestrator.upstream import open_channel, wait_for_info
+from orchestrator.upstream import costs_of, open_channel, round_trip_ms, wait_for_info
 from specserve.core.tree import MAX_TREE_NODES, TreeShape
 from specserve.runtime.models import DEFAULT_MODEL, load_tokenizer
 from specserve.serving.grpc_server import run_server
@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nodes of a tree level expanded further [env SPECSERVE_TREE_WIDTH]")
     parser.add_argument("--tree-branch", type=int, default=env_default("SPECSERVE_TREE_BRANCH", TreeShape.branch),
                         help="children drafted per expanded node [env SPECSERVE_TREE_BRANCH]")
+    parser.add_argument("--speculation-control", default=env_default("SPECSERVE_SPECULATION_CONTROL", "cost"),
+                        choices=["cost", "adaptive"],
+                        help="cost: choose K / tree size per step from the services' measured cost profiles and the "
+                             "acceptance seen; adaptive: the cost-blind adaptive K [env SPECSERVE_SPECULATION_CONTROL]")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -56,6 +60,7 @@ def run(args: argparse.Namespace) -> None:
             tree_nodes=args.tree_nodes,
             tree_width=args.tree_width,
             tree_branch=args.tree_branch,
+            speculation_control=args.speculation_control,
         )
     except ValueError as error:
         raise SystemExit(f"orchestrator: {error} (--tree-nodes, --tree-width, --tree-branch)") from None
@@ -80,9 +85,13 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
     async def wait_ready() -> None:
         # SERVING only once the target answers (and the draft, when configured).
         upstreams.target_info = await wait_for_info("target", upstreams.target.GetInfo)
+        upstreams.target_costs = costs_of(upstreams.target_info)
+        upstreams.target_round_trip_ms = await round_trip_ms(upstreams.target.GetInfo)
         if upstreams.draft is not None:
             # Whether the draft needs the target's hidden states decides the proposer.
             upstreams.draft_info = await wait_for_info("draft", upstreams.draft.GetInfo)
+            upstreams.draft_costs = costs_of(upstreams.draft_info)
+            upstreams.draft_round_trip_ms = await round_trip_ms(upstreams.draft.GetInfo)
         if redis_client is not None:
             servicer.pool = NgramPool(redis_client, namespace=upstreams.target_info.model)
 

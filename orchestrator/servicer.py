@@ -13,7 +13,7 @@ import grpc
 from orchestrator import requests
 from orchestrator.ngram_pool import NgramPool
 from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer, RemoteTargetSession
-from specserve.core.adaptive import SpeculationLength
+from specserve.core.controller import CostProfile, speculation_policy
 from specserve.core.errors import Unavailable
 from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.speculate import DecodeRequest, Finish, decode
@@ -32,6 +32,11 @@ class Upstreams:
     draft: draft_pb2_grpc.DraftServiceStub | None
     target_info: model_service_pb2.ModelInfo | None = None  # set once the target answers
     draft_info: model_service_pb2.ModelInfo | None = None  # set once the draft answers
+    # Their cost profiles (None: not measured) and round-trip times, for speculation control.
+    target_costs: CostProfile | None = None
+    draft_costs: CostProfile | None = None
+    target_round_trip_ms: float = 0.0
+    draft_round_trip_ms: float = 0.0
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
@@ -51,7 +56,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             job = requests.parse(request, self.tokenizer, self.limits, info.max_context_tokens, self.upstreams.draft is not None)
             target = RemoteTargetSession(self.upstreams.target)
             proposer = self._proposer(job)
-            speculation = SpeculationLength(job.k, k_max=self.limits.max_speculative_tokens, fixed=job.fixed_length) if job.k else None
+            speculation = self._speculation(job, proposer) if job.k else None
             decoding = DecodeRequest(
                 prompt=job.prompt_ids,
                 sampling=job.sampling,
@@ -109,6 +114,15 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                     close_draft()
                 if self.pool is not None and generated:
                     self._in_background(self.pool.add(job.prompt_ids + generated))
+
+    def _speculation(self, job: requests.Job, proposer):
+        up = self.upstreams
+        remote_draft = job.method == pb.DRAFT_MODEL
+        trees = remote_draft and job.sampling.greedy and up.draft_info.needs_target_hidden_states and job.tree_nodes > 0
+        return speculation_policy(
+            up.target_costs if self.limits.speculation_control == "cost" else None, up.draft_costs if remote_draft else None, k=job.k, k_max=self.limits.max_speculative_tokens,
+            fixed=job.fixed_length, tree_nodes=job.tree_nodes if trees else 0, tree_width=self.limits.tree_width,
+            step_overhead_ms=up.target_round_trip_ms, draft_overhead_ms=up.draft_round_trip_ms if remote_draft else 0.0)
 
     def _proposer(self, job: requests.Job):
         if job.method == pb.DRAFT_MODEL:

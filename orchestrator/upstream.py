@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 
 from specserve.core.acceptance import Verdict
+from specserve.core.controller import CostProfile
 from specserve.core.errors import Unavailable
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DraftSequenceTracker, Proposal
 from specserve.core.tree import TreeShape
-from specserve.serving import hidden_states
+from specserve.serving import cost_profile, hidden_states
 from specserve.serving.grpc_server import CHANNEL_OPTIONS, UpstreamError
 from specserve.v1 import common_pb2, draft_pb2, draft_pb2_grpc, model_service_pb2, target_pb2, target_pb2_grpc
 
@@ -40,6 +42,24 @@ async def wait_for_info(name: str, get_info, timeout_s: float | None = None) -> 
                 raise Unavailable(f"{name} service is not reachable: {error.details()}") from error
             log.info("waiting for the %s service (%s)", name, error.code().name)
             await asyncio.sleep(0.5)
+
+
+def costs_of(info: model_service_pb2.ModelInfo) -> CostProfile | None:
+    """The service's measured cost profile, None when it reported none."""
+    if not info.HasField("cost_profile"):
+        return None
+    costs = cost_profile.from_proto(info.cost_profile)
+    return costs if costs.verify_chain or costs.draft_step else None
+
+
+async def round_trip_ms(get_info, calls: int = 5) -> float:
+    """Median GetInfo round trip: what each op to that service adds to a step, measured once at start-up."""
+    times = []
+    for _ in range(calls):
+        began = time.perf_counter()
+        await get_info(model_service_pb2.GetInfoRequest(), timeout=2.0)
+        times.append((time.perf_counter() - began) * 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 def _sampling_proto(sampling: SamplingConfig) -> common_pb2.SamplingParams:
@@ -165,13 +185,14 @@ class RemoteFeatureDraftProposer(RemoteDraftProposer):
             raise RuntimeError("the target service returned no hidden states for a feature draft")
         self.pending.append(hidden)
 
-    async def propose(self, sequence: list[int], k: int) -> Proposal:
+    async def propose(self, sequence: list[int], k: int, nodes: int | None = None) -> Proposal:
         committed, append = self.tracker.diff(sequence)
         joined = hidden_states.concat(self.pending)  # [len(append), H]
         self.pending = []
         propose = draft_pb2.DraftPropose(committed_len=committed, token_ids=append, num_tokens=k, hidden_states=joined)
         if self.drafts_trees:
-            propose.tree.CopyFrom(draft_pb2.TreeShape(depth=k, width=self.tree.width, branch=self.tree.branch, nodes=self.tree.nodes))
+            propose.tree.CopyFrom(draft_pb2.TreeShape(depth=k, width=self.tree.width, branch=self.tree.branch,
+                                                   nodes=nodes or self.tree.nodes))
         proposal = await self._propose(propose)
         self.tracker.record(sequence, [])  # proposals are not kept
         return proposal

@@ -58,7 +58,8 @@ def _stack_flags(parser: argparse.ArgumentParser, port: int) -> None:
     from specserve.runtime.models import DEFAULT_MODEL, default_draft_model
 
     parser.add_argument("--port", type=int, default=port, help="the orchestrator's port")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="weights' dtype; auto: the one whose measured cost profile serves best on this machine")
     parser.add_argument("--target-model", default=DEFAULT_MODEL)
     parser.add_argument("--draft-model", default=default_draft_model(), help="'' for no draft service")
     parser.add_argument("--redis", default="auto", help="'auto' (start redis-server if installed), 'off', or a redis:// URL")

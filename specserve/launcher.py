@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -43,12 +44,24 @@ def wait_serving(address: str, timeout_s: float, process: subprocess.Popen | Non
             time.sleep(0.2)
 
 
+def _resolve_dtype(config: "StackConfig") -> str:
+    """The target's best dtype here, measured with the services' thread count (profiles are
+    cached per thread count, so the services then find theirs)."""
+    import torch
+
+    from specserve.runtime.dtype_choice import resolve_dtype
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    return resolve_dtype("auto", config.target_model, "target")
+
+
 @dataclass
 class StackConfig:
     target_model: str = "smollm2"
     draft_model: str | None = None  # None: no draft service
     tokenizer: str | None = None  # None: the target model's
-    dtype: str = "float32"
+    dtype: str = "auto"  # "auto": measured per machine (runtime.dtype_choice), resolved once for every service
     port: int = 50051  # the orchestrator's; 0 picks a free one
     redis: str = "auto"  # "auto": start redis-server if installed; "off"; or a redis:// URL
     default_method: str = "prompt_lookup"
@@ -99,6 +112,8 @@ class Stack:
     def start(self) -> None:
         c = self.config
         py = sys.executable
+        if c.dtype == "auto":
+            self.config = c = dataclasses.replace(c, dtype=_resolve_dtype(c))
         self.redis_url = self._start_redis()
         target_port = free_port()
         self.target_address = f"127.0.0.1:{target_port}"
@@ -120,6 +135,20 @@ class Stack:
         if draft is not None:
             wait_serving(self.draft_address, 600, draft)
         wait_serving(self.address, 120, orchestrator)
+
+    def add_orchestrator(self, name: str, extra_args: list[str]) -> str:
+        """Another orchestrator on the same target and draft services (e.g. with other flags,
+        to compare them side by side); returns its address."""
+        c = self.config
+        port = free_port()
+        process = self._spawn(name, [
+            sys.executable, "-m", "orchestrator", "--port", str(port), "--target", self.target_address,
+            "--draft", self.draft_address, "--tokenizer", c.tokenizer or c.target_model, "--redis-url", self.redis_url,
+            "--default-method", c.default_method, "--tree-nodes", str(c.tree_nodes), "--tree-width", str(c.tree_width),
+            "--tree-branch", str(c.tree_branch), *extra_args,
+        ])
+        wait_serving(f"127.0.0.1:{port}", 120, process)
+        return f"127.0.0.1:{port}"
 
     def _start_redis(self) -> str:
         mode = self.config.redis

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-MODES = ("distributed", "in_process", "hf")
+# distributed_adaptive: the served stack with the cost-blind adaptive K instead of the
+# cost-aware controller (a second orchestrator on the same services), for a side-by-side comparison.
+MODES = ("distributed", "distributed_adaptive", "in_process", "hf")
 METHODS = ("autoregressive", "prompt_lookup", "draft_model")
 BASELINE_METHOD = "autoregressive"
 

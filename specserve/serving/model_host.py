@@ -24,12 +24,14 @@ class ModelHost:
     forward pass), and the event loop stays free to move messages.
     """
 
-    def __init__(self, loaded: LoadedModel, max_sessions: int, threads: int | None = None):
+    def __init__(self, loaded: LoadedModel, max_sessions: int, threads: int | None = None,
+                 cost_profile: model_service_pb2.CostProfile | None = None):
         self.loaded = loaded
         self.sessions = SessionLimit(max_sessions)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         if threads:
             torch.set_num_threads(threads)
+        self.cost_profile = cost_profile  # measured (or cached) at start-up; None: not measured
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -44,6 +46,7 @@ class ModelHost:
             active_sessions=self.sessions.active,
             max_sessions=self.sessions.limit,
             needs_target_hidden_states=self.loaded.needs_target_hidden_states,
+            cost_profile=self.cost_profile,
         )
 
 
@@ -69,7 +72,20 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
     if not args.model:
         raise SystemExit(f"{role}: no model given (--model)")
-    host = ModelHost(load_model(args.model, args.dtype, args.device), args.max_sessions, args.threads)
+    from specserve.runtime.dtype_choice import resolve_dtype
+    from specserve.runtime.profile import profile_for
+    from specserve.serving import cost_profile
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = resolve_dtype(args.dtype, args.model, role, args.device)
+    loaded = load_model(args.model, dtype, args.device)
+    # What a forward costs here, measured before serving (a few seconds, once per machine: cached).
+    measured = profile_for(loaded, role, args.device)
+    if measured is not None:
+        logging.info("cost profile (%s): %s", "cached" if measured.from_cache else f"measured in {measured.measured_s:.1f} s",
+                     measured.machine.get("cpu"))
+    host = ModelHost(loaded, args.max_sessions, args.threads, cost_profile.to_proto(measured) if measured else None)
 
     def register(server) -> list[str]:
         add_to_server(make_servicer(host), server)

@@ -19,8 +19,8 @@ def add_model_service_arguments(parser: argparse.ArgumentParser, role: str, port
     prefix = f"SPECSERVE_{role}_"
     parser.add_argument("--model", default=env_default(prefix + "MODEL", model),
                         help=f"model: 'smollm2', a .gguf file or a model directory [env {prefix}MODEL]")
-    parser.add_argument("--dtype", default=env_default("SPECSERVE_DTYPE", "float32"), choices=["float32", "bfloat16"],
-                        help="weights' dtype [env SPECSERVE_DTYPE]")
+    parser.add_argument("--dtype", default=env_default("SPECSERVE_DTYPE", "auto"), choices=["auto", "float32", "bfloat16"],
+                        help="weights' dtype; auto: the one whose measured cost profile serves best here [env SPECSERVE_DTYPE]")
     parser.add_argument("--device", default=env_default("SPECSERVE_DEVICE", "cpu"), help="torch device [env SPECSERVE_DEVICE]")
     parser.add_argument("--host", default=env_default("SPECSERVE_HOST", "127.0.0.1"), help="address to listen on [env SPECSERVE_HOST]")
     parser.add_argument("--port", type=int, default=env_default(prefix + "PORT", port), help=f"port [env {prefix}PORT]")

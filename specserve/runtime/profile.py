@@ -1,0 +1,260 @@
+"""What a forward pass costs here: measured once per (model, dtype, device, threads, CPU), cached.
+
+A target service measures a forward over k new tokens for chains (logits for every
+token) and trees (tree attention) at a few context lengths; a draft service one
+drafting step (one token) and one tree level (w nodes). Each point also carries the
+least bytes the forward reads (weights + KV cache) and its FLOPs, so `specserve
+profile` can show how far each shape is from this machine's limits, which
+`measure_limits` measures with torch: memory read bandwidth and matmul peak.
+
+The measurement runs against a *session factory* (anything with KVSession's
+`extend`, `extend_masked`, `rollback`, `length`), so another engine can be profiled
+the same way. Results are cached as JSON under `cache_root()/profiles`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from specserve.core.controller import CostPoint, CostProfile, CostTable
+from specserve.core.tree import DraftTree, ancestor_mask
+from specserve.runtime.models import LoadedModel, cache_root
+
+PROFILE_VERSION = 1
+CONTEXTS = (128, 1024)
+CHAIN_TOKENS = (1, 2, 4, 8, 16, 32, 64)
+TREE_TOKENS = (4, 16, 64)
+LEVEL_WIDTHS = (1, 4, 16)
+REPEATS = 3
+FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+class ForwardSession(Protocol):
+    length: int
+
+    def extend(self, token_ids: list[int], logits_for: int = 1) -> Any: ...
+
+    def extend_masked(self, token_ids: list[int], positions: list[int], visible: torch.Tensor, **inputs) -> Any: ...
+
+    def rollback(self, length: int) -> None: ...
+
+
+@dataclass
+class ProfileSubject:
+    """What to measure: a fresh session per call of `new_session`, the model's role and shape.
+    `extra_inputs(n)`: keyword inputs a forward over n tokens needs besides the tokens (a
+    feature draft's hidden states); {} for a plain causal LM."""
+
+    name: str  # the model specification
+    role: str  # "target" or "draft"
+    dtype: str
+    device: str
+    new_session: Callable[[], ForwardSession]
+    extra_inputs: Callable[[int], dict] = field(default=lambda n: {})
+    weight_bytes: float = 0.0  # bytes of weights a forward reads (all but the input embedding)
+    body_params: float = 0.0  # parameters used per token outside the embeddings and the head
+    head_params: float = 0.0  # output head parameters (one [V, H] product per logits row)
+    kv_bytes_per_token: float = 0.0  # KV cache bytes per cached token, all layers
+    attention_width: float = 0.0  # layers x heads x head_dim: attention FLOPs per token pair / 4
+
+
+@dataclass
+class MeasuredProfile:
+    costs: CostProfile
+    machine: dict  # cpu, flags, threads, device, dtype, model, role
+    memory_gb_s: float  # measured read bandwidth
+    matmul_gflop_s: float  # measured matmul peak in the model's dtype
+    measured_s: float  # how long measuring took
+    from_cache: bool = False
+
+
+def subject_for(loaded: LoadedModel, role: str, device: str = "cpu") -> ProfileSubject:
+    """The torch engine's subject: a KVSession on the loaded model."""
+    from specserve.runtime.kv import KVSession
+
+    model = loaded.model
+    size = torch.finfo(loaded.dtype).bits // 8
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_params = float(head.weight.numel()) if head is not None else float(getattr(model, "vocab_ids", torch.empty(0)).numel()
+                                                                          * embed.shape[1])
+    params = {id(p): p.numel() for p in model.parameters()}
+    body = float(sum(params.values()) - embed.numel() - (head.weight.numel() if head is not None and id(head.weight) != id(embed) else 0))
+    config = getattr(model, "config", None)
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    kv_heads = int(getattr(config, "num_key_value_heads", heads) or heads)
+    head_dim = int(getattr(config, "head_dim", 0) or (config.hidden_size // heads if heads else 0))
+    hidden_size = int(getattr(config, "hidden_size", embed.shape[1]))
+    extra: Callable[[int], dict] = lambda n: {}
+    if loaded.needs_target_hidden_states:
+        extra = lambda n: {"target_hidden": torch.randn(1, n, hidden_size, dtype=loaded.dtype, generator=torch.Generator().manual_seed(n))}
+    return ProfileSubject(
+        name=loaded.spec, role=role, dtype=loaded.dtype_name, device=device, new_session=lambda: KVSession(model),
+        extra_inputs=extra, weight_bytes=(body + head_params) * size, body_params=body, head_params=head_params,
+        kv_bytes_per_token=2.0 * layers * kv_heads * head_dim * size, attention_width=float(layers * heads * head_dim),
+    )
+
+
+def machine_facts() -> dict:
+    cpu, flags = platform.processor(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == platform.processor():
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "flags": sorted(set(flags) & set(FLAGS_OF_INTEREST)),
+            "flags_sha": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:12], "cores": os.cpu_count(),
+            "torch": torch.__version__}
+
+
+def _median_ms(fn: Callable[[], None], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def measure_limits(dtype: torch.dtype, repeats: int = 5) -> tuple[float, float]:
+    """(memory read GB/s, matmul GFLOP/s in dtype), best of `repeats`, a fraction of a second."""
+    data = torch.ones(32 * 2**20, dtype=torch.float32)  # 128 MB, larger than any cache
+    data.sum()
+    read_s = min(_timed(lambda: data.sum()) for _ in range(repeats))
+    a = torch.randn(1024, 1024).to(dtype)
+    b = torch.randn(1024, 1024).to(dtype)
+    a @ b
+    matmul_s = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return data.numel() * 4 / read_s / 1e9, 2 * 1024**3 / matmul_s / 1e9
+
+
+def _timed(fn) -> float:
+    began = time.perf_counter()
+    fn()
+    return time.perf_counter() - began
+
+
+def _point(subject: ProfileSubject, context: int, new_tokens: int, logits_rows: int, ms: float) -> CostPoint:
+    flops = (2 * subject.body_params * new_tokens + 2 * subject.head_params * logits_rows
+             + 4 * subject.attention_width * (context + new_tokens) * new_tokens)
+    return CostPoint(context, new_tokens, ms, subject.weight_bytes + subject.kv_bytes_per_token * (context + new_tokens), flops)
+
+
+@torch.inference_mode()
+def measure(subject: ProfileSubject, contexts=CONTEXTS, repeats: int = REPEATS) -> CostProfile:
+    """The cost tables of the subject's role (see the module doc)."""
+    tables: dict[str, list[CostPoint]] = {}
+    for context in contexts:
+        session = subject.new_session()
+        _prefill(subject, session, context)
+
+        def run(tokens: int, masked: bool, visible: torch.Tensor | None = None) -> Callable[[], None]:
+            new = [1000 + i for i in range(tokens)]
+
+            def forward() -> None:
+                if masked:
+                    positions = [context + d for d in [0, *DraftTree.chain(new[1:]).depths()]] if visible is None else \
+                        [context] * tokens
+                    mask = ancestor_mask(DraftTree.chain(new[1:])) if visible is None else visible
+                    session.extend_masked(new, positions, mask, **subject.extra_inputs(tokens))
+                else:
+                    session.extend(new, logits_for=tokens)
+                session.rollback(context)
+            return forward
+
+        def add(table: str, tokens: int, logits_rows: int, fn: Callable[[], None]) -> None:
+            fn()  # warm up this shape
+            tables.setdefault(table, []).append(_point(subject, context, tokens, logits_rows, _median_ms(fn, repeats)))
+
+        if subject.role == "target":
+            for k in CHAIN_TOKENS:
+                add("verify_chain", k, k, run(k, masked=False))
+            for k in TREE_TOKENS:
+                add("verify_tree", k, k, run(k, masked=True))
+        else:
+            plain = not subject.extra_inputs(1)
+            add("draft_step", 1, 1, run(1, masked=not plain))
+            for width in LEVEL_WIDTHS:
+                add("draft_tree_level", width, width, run(width, masked=True, visible=torch.eye(width, dtype=torch.bool)))
+    return CostProfile(**{name: CostTable.of(points) for name, points in tables.items()})
+
+
+def _prefill(subject: ProfileSubject, session: ForwardSession, context: int) -> None:
+    tokens = [100 + i % 1000 for i in range(context)]
+    extra = subject.extra_inputs(context)
+    if extra:
+        visible = torch.ones(context, context, dtype=torch.bool).tril()  # [n, n] causal
+        session.extend_masked(tokens, list(range(context)), visible, **extra)
+    else:
+        session.extend(tokens)
+
+
+def cache_key(subject: ProfileSubject) -> dict:
+    return {"version": PROFILE_VERSION, "model": subject.name, "role": subject.role, "dtype": subject.dtype,
+            "device": subject.device, "threads": torch.get_num_threads(), **machine_facts()}
+
+
+def cache_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    name = Path(key["model"]).name or "model"
+    return cache_root() / "profiles" / f"{key['role']}-{name}-{key['dtype']}-{digest}.json"
+
+
+def load_or_measure(subject: ProfileSubject, refresh: bool = False) -> MeasuredProfile:
+    """The cached profile for this subject on this machine, measuring it when missing."""
+    key = cache_key(subject)
+    path = cache_path(key)
+    if path.is_file() and not refresh:
+        try:
+            return profile_from_json(json.loads(path.read_text()), from_cache=True)
+        except (ValueError, KeyError, TypeError):
+            pass  # an unreadable cache entry is measured again
+    began = time.perf_counter()
+    costs = measure(subject)
+    memory, matmul = measure_limits(getattr(torch, subject.dtype))
+    profile = MeasuredProfile(costs, key, memory, matmul, time.perf_counter() - began)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(json.dumps(profile_to_json(profile), indent=1))
+    staging.replace(path)  # atomic: services starting together never read half a file
+    return profile
+
+
+def profile_for(loaded: LoadedModel, role: str, device: str = "cpu", refresh: bool = False) -> MeasuredProfile | None:
+    """A loaded model's profile; None for a simulated model (it has no real cost to measure)."""
+    if loaded.spec.startswith("sim:"):
+        return None
+    return load_or_measure(subject_for(loaded, role, device), refresh)
+
+
+TABLES = ("verify_chain", "verify_tree", "draft_step", "draft_tree_level")
+
+
+def profile_to_json(profile: MeasuredProfile) -> dict:
+    out = {"machine": profile.machine, "memory_gb_s": profile.memory_gb_s, "matmul_gflop_s": profile.matmul_gflop_s,
+           "measured_s": profile.measured_s}
+    for name in TABLES:
+        table = getattr(profile.costs, name)
+        if table is not None:
+            out[name] = [asdict(p) for p in table.points]
+    return out
+
+
+def profile_from_json(data: dict, from_cache: bool = False) -> MeasuredProfile:
+    costs = CostProfile(**{name: CostTable.of(CostPoint(**p) for p in data[name]) for name in TABLES if data.get(name)})
+    return MeasuredProfile(costs, data["machine"], data["memory_gb_s"], data["matmul_gflop_s"], data["measured_s"], from_cache)
