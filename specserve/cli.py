@@ -167,6 +167,7 @@ def _add_optional_commands(sub) -> None:
     """Commands that live in their own packages: bench and the draft trainers."""
     for name, module, help_text in [
         ("bench", "specserve.bench.cli", "benchmark every method side by side"),
+        ("profile", "specserve.bench.profile_report", "measure (or show the cached) cost of a forward pass here"),
         ("train-draft", "specserve.drafter.train_features", "distill a feature draft (the default draft) from the target"),
         ("train-token-draft", "specserve.drafter.train", "distill a small token-level draft model from the target"),
     ]:

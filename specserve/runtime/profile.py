@@ -66,6 +66,7 @@ class ProfileSubject:
     head_params: float = 0.0  # output head parameters (one [V, H] product per logits row)
     kv_bytes_per_token: float = 0.0  # KV cache bytes per cached token, all layers
     attention_width: float = 0.0  # layers x heads x head_dim: attention FLOPs per token pair / 4
+    max_context_tokens: int = 1 << 30  # measured contexts stay within the model's window
 
 
 @dataclass
@@ -103,6 +104,7 @@ def subject_for(loaded: LoadedModel, role: str, device: str = "cpu") -> ProfileS
         name=loaded.spec, role=role, dtype=loaded.dtype_name, device=device, new_session=lambda: KVSession(model),
         extra_inputs=extra, weight_bytes=(body + head_params) * size, body_params=body, head_params=head_params,
         kv_bytes_per_token=2.0 * layers * kv_heads * head_dim * size, attention_width=float(layers * heads * head_dim),
+        max_context_tokens=loaded.max_context_tokens,
     )
 
 
@@ -159,7 +161,8 @@ def _point(subject: ProfileSubject, context: int, new_tokens: int, logits_rows: 
 def measure(subject: ProfileSubject, contexts=CONTEXTS, repeats: int = REPEATS) -> CostProfile:
     """The cost tables of the subject's role (see the module doc)."""
     tables: dict[str, list[CostPoint]] = {}
-    for context in contexts:
+    room = subject.max_context_tokens - max(CHAIN_TOKENS + TREE_TOKENS + LEVEL_WIDTHS) - 1
+    for context in sorted({max(min(c, room), 1) for c in contexts}):
         session = subject.new_session()
         _prefill(subject, session, context)
 
