@@ -29,7 +29,7 @@ from dataclasses import dataclass
 class CostPoint:
     context_tokens: int  # tokens in the KV cache before the forward
     new_tokens: int  # tokens the forward adds (a chain, a tree's nodes, a tree level)
-    ms: float  # median wall time
+    ms: float  # wall time (the best of a few runs)
     bytes_read: float = 0.0  # weights + KV cache the forward reads at least (0: unknown)
     flops: float = 0.0  # floating-point operations of the forward (0: unknown)
 

@@ -124,13 +124,11 @@ def machine_facts() -> dict:
             "torch": torch.__version__}
 
 
-def _median_ms(fn: Callable[[], None], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return sorted(times)[len(times) // 2] * 1e3
+def _best_ms(fn: Callable[[], None], repeats: int) -> float:
+    """The fastest of `repeats` runs: on shared cores other work only ever adds time, and the
+    median of a few runs still carries it (measured here under load: a 2-token forward read
+    2x a 64-token one by the median)."""
+    return min(_timed(fn) for _ in range(repeats)) * 1e3
 
 
 def measure_limits(dtype: torch.dtype, repeats: int = 5) -> tuple[float, float]:
@@ -182,7 +180,7 @@ def measure(subject: ProfileSubject, contexts=CONTEXTS, repeats: int = REPEATS) 
 
         def add(table: str, tokens: int, logits_rows: int, fn: Callable[[], None]) -> None:
             fn()  # warm up this shape
-            tables.setdefault(table, []).append(_point(subject, context, tokens, logits_rows, _median_ms(fn, repeats)))
+            tables.setdefault(table, []).append(_point(subject, context, tokens, logits_rows, _best_ms(fn, repeats)))
 
         if subject.role == "target":
             for k in CHAIN_TOKENS:
