@@ -126,7 +126,7 @@ def test_trees_pick_the_node_budget_the_cost_allows():
     controller = SpeculationController(profile, None, ControllerConfig(tree_nodes=(8, 64)))
     plans = drive(controller, accept_rate=0.6)
     assert all(p.nodes == 8 for p in plans[-50:])
-    assert all(1 <= p.k <= 8 for p in plans)
+    assert all(1 <= p.k <= p.nodes for p in plans)  # a tree is never deeper than its nodes
 
 
 def test_never_proposes_past_the_budget():
@@ -145,3 +145,12 @@ def test_decisions_depend_only_on_the_record():
 def test_fixed_length_turns_control_off():
     controller = SpeculationController(STEEP, None, fixed_k=5)
     assert {p.k for p in drive(controller, accept_rate=0.0, steps=30)} == {5}
+
+
+def test_bigger_trees_get_tried_when_they_cost_little():
+    # Trees are nearly free (bf16 with AMX): the biggest budget wins, once tried, when its
+    # extra candidates are accepted more often.
+    controller = SpeculationController(FLAT, None, ControllerConfig(tree_nodes=(4, 8, 16)))
+    for _ in range(20):
+        controller.record(StepPlan(4, 4), depth=4, nodes=4, accepted=1)
+    assert controller.plan(200, 1000).nodes == 16

@@ -103,10 +103,19 @@ class PositionalAcceptance:
         self.decay = decay
         self.tried: list[float] = []  # [d-1]: position d examined
         self.hit: list[float] = []  # [d-1]: position d accepted
+        self._width_sum = 0.0  # decayed sum and count of the candidates per level of the proposals
+        self._width_count = 0.0
 
-    def record(self, depth: int, accepted: int) -> None:
+    @property
+    def width(self) -> float:
+        """Mean candidates per level of the recorded proposals (1 for chains)."""
+        return self._width_sum / self._width_count if self._width_count else 1.0
+
+    def record(self, depth: int, accepted: int, width: float = 1.0) -> None:
         self.tried = [t * self.decay for t in self.tried]
         self.hit = [h * self.decay for h in self.hit]
+        self._width_sum = self._width_sum * self.decay + width
+        self._width_count = self._width_count * self.decay + 1.0
         examined = min(depth, accepted + 1)  # positions 1..accepted accepted, accepted+1 rejected (if proposed)
         while len(self.tried) < examined:
             self.tried.append(0.0)
@@ -202,19 +211,30 @@ class SpeculationController:
             return 1.0
         if not plan.nodes:
             return expected_tokens(self.chain_record.rates(plan.k, c.prior, c.prior_weight))
-        pooled = self._pooled_tree_rates(plan.k)
-        return expected_tokens(self.tree_records[plan.nodes].rates(plan.k, c.prior, c.prior_weight, parent=pooled))
+        # A budget's prior: each of its ~nodes/depth candidates per level accepted independently
+        # with the per-candidate rate all tree steps show. It is optimistic for bigger trees
+        # (a draft's candidates are correlated), so a budget worth trying gets tried, and its
+        # own record then takes over.
+        width = max(plan.nodes / plan.k, 1.0)
+        prior = [1.0 - (1.0 - q) ** width for q in self._per_candidate_rates(plan.k)]
+        return expected_tokens(self.tree_records[plan.nodes].rates(plan.k, c.prior, c.prior_weight, parent=prior))
 
-    def _pooled_tree_rates(self, depth: int) -> list[float]:
-        pooled = PositionalAcceptance()
-        for record in self.tree_records.values():
-            for d, (tried, hit) in enumerate(zip(record.tried, record.hit)):
-                while len(pooled.tried) <= d:
-                    pooled.tried.append(0.0)
-                    pooled.hit.append(0.0)
-                pooled.tried[d] += tried
-                pooled.hit[d] += hit
-        return pooled.rates(depth, self.config.prior, self.config.prior_weight)
+    def _per_candidate_rates(self, depth: int) -> list[float]:
+        """Per depth: the acceptance of one candidate, from every tree budget's record (a level
+        of w candidates accepted at rate r means 1 - (1 - r)^(1/w) per candidate), weighted by
+        how often each examined that depth; a depth no tree reached inherits the one above."""
+        c = self.config
+        out, above = [], c.prior
+        for d in range(depth):
+            weighted = total = 0.0
+            for record in self.tree_records.values():
+                if d < len(record.tried) and record.tried[d] > 0:
+                    rate = (record.hit[d] + c.prior_weight * above) / (record.tried[d] + c.prior_weight)
+                    weighted += record.tried[d] * (1.0 - (1.0 - rate) ** (1.0 / record.width))
+                    total += record.tried[d]
+            above = weighted / total if total else above
+            out.append(above)
+        return out
 
     # ---- decisions ---------------------------------------------------------------------
     def candidates(self, remaining: int) -> list[StepPlan]:
@@ -261,7 +281,7 @@ class SpeculationController:
         if self.fixed_k or depth == 0:
             return
         if plan.nodes and plan.nodes in self.tree_records:
-            self.tree_records[plan.nodes].record(depth, accepted)
+            self.tree_records[plan.nodes].record(depth, accepted, width=max(nodes / depth, 1.0))
         else:
             self.chain_record.record(depth, accepted)
 
