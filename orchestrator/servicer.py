@@ -11,15 +11,18 @@ from dataclasses import dataclass
 import grpc
 
 from orchestrator import requests
+from orchestrator.failover import FailoverDraftProposer, FailoverTargetSession
 from orchestrator.ngram_pool import NgramPool
-from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer, RemoteTargetSession
-from specserve.core.controller import CostProfile, speculation_policy
+from orchestrator.replicas import ReplicaSet
+from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer
+from orchestrator.costs import costs_of
+from specserve.core.controller import speculation_policy
 from specserve.core.errors import Unavailable
 from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.speculate import DecodeRequest, Finish, decode
 from specserve.core.text import IncrementalDetokenizer, StopStringFilter
 from specserve.serving.grpc_server import status_on_error
-from specserve.v1 import draft_pb2_grpc, model_service_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc, target_pb2_grpc
+from specserve.v1 import model_service_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +31,21 @@ FINISH = {Finish.LENGTH: pb.LENGTH, Finish.STOP: pb.STOP, Finish.EOS: pb.EOS}
 
 @dataclass
 class Upstreams:
-    target: target_pb2_grpc.TargetServiceStub
-    draft: draft_pb2_grpc.DraftServiceStub | None
-    target_info: model_service_pb2.ModelInfo | None = None  # set once the target answers
-    draft_info: model_service_pb2.ModelInfo | None = None  # set once the draft answers
-    # Their cost profiles (None: not measured) and round-trip times, for speculation control.
-    target_costs: CostProfile | None = None
-    draft_costs: CostProfile | None = None
+    """The replicas of the target service and of the draft service (None: no draft)."""
+
+    target: ReplicaSet
+    draft: ReplicaSet | None
+    # One op's round trip to each service, measured at start-up, for speculation control.
     target_round_trip_ms: float = 0.0
     draft_round_trip_ms: float = 0.0
+
+    @property
+    def target_info(self) -> model_service_pb2.ModelInfo | None:  # None until a target replica answers
+        return self.target.info()
+
+    @property
+    def draft_info(self) -> model_service_pb2.ModelInfo | None:  # None until a draft replica answers
+        return self.draft.info() if self.draft is not None else None
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
@@ -54,9 +63,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             if info is None:
                 raise Unavailable("the target service has not answered yet; retry shortly")
             job = requests.parse(request, self.tokenizer, self.limits, info.max_context_tokens, self.upstreams.draft is not None)
-            target = RemoteTargetSession(self.upstreams.target)
+            target = FailoverTargetSession(self.upstreams.target)
             proposer = self._proposer(job)
-            speculation = self._speculation(job, proposer) if job.k else None
+            speculation = self._speculation(job) if job.k else None
             decoding = DecodeRequest(
                 prompt=job.prompt_ids,
                 sampling=job.sampling,
@@ -99,6 +108,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                             time_to_first_token_ms=first_token_ms or 0.0,
                             method=job.method,
                             draft_forward_passes=proposer.forward_passes if proposer else 0,
+                            failovers=target.failovers + getattr(proposer, "failovers", 0),
                             step_timings=[
                                 pb.StepTiming(wall_ms=s.wall_ms, compute_ms=s.compute_ms, proposed=s.proposed, accepted=s.accepted)
                                 for s in stats.steps or []
@@ -115,12 +125,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                 if self.pool is not None and generated:
                     self._in_background(self.pool.add(job.prompt_ids + generated))
 
-    def _speculation(self, job: requests.Job, proposer):
+    def _speculation(self, job: requests.Job):
         up = self.upstreams
         remote_draft = job.method == pb.DRAFT_MODEL
         trees = remote_draft and job.sampling.greedy and up.draft_info.needs_target_hidden_states and job.tree_nodes > 0
         return speculation_policy(
-            up.target_costs if self.limits.speculation_control == "cost" else None, up.draft_costs if remote_draft else None, k=job.k, k_max=self.limits.max_speculative_tokens,
+            costs_of(up.target_info) if self.limits.speculation_control == "cost" else None,
+            costs_of(up.draft_info) if remote_draft else None, k=job.k, k_max=self.limits.max_speculative_tokens,
             fixed=job.fixed_length, tree_nodes=job.tree_nodes if trees else 0, tree_width=self.limits.tree_width,
             step_overhead_ms=up.target_round_trip_ms, draft_overhead_ms=up.draft_round_trip_ms if remote_draft else 0.0)
 
@@ -133,8 +144,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             # and trees for greedy requests (unless the request's tree_nodes is 0), to which
             # prompt lookup adds its continuation as one more branch.
             if info.needs_target_hidden_states:
-                return WithLookupBranch(RemoteFeatureDraftProposer(self.upstreams.draft, self.limits.tree_shape(job.tree_nodes)))
-            return RemoteDraftProposer(self.upstreams.draft)
+                shape = self.limits.tree_shape(job.tree_nodes)
+                feature_draft = FailoverDraftProposer(self.upstreams.draft, lambda stub: RemoteFeatureDraftProposer(stub, shape),
+                                                      needs_target_hidden_states=True)
+                return WithLookupBranch(feature_draft)
+            return FailoverDraftProposer(self.upstreams.draft, RemoteDraftProposer, needs_target_hidden_states=False)
         if job.method == pb.PROMPT_LOOKUP:
             # The pool changes with other traffic, and different proposals consume the
             # random stream differently: a seeded sampling request skips it so that it

@@ -127,7 +127,8 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
     """Runs the interleaved comparison; returns the stack's address ('' without one)."""
     from specserve.bench.runners.distributed import DistributedRunner
     from specserve.launcher import Stack, StackConfig
-    from specserve.runtime.models import load_model, load_tokenizer
+    from specserve.loading import load_model
+    from specserve.runtime.models import load_tokenizer
 
     if not modes:
         return ""
@@ -198,7 +199,7 @@ def _resolve_dtype(args) -> tuple[str, str, dict[str, float]]:
     """(requested, chosen, each candidate's expected tokens/ms when measured)."""
     if args.dtype != "auto":
         return args.dtype, args.dtype, {}
-    from specserve.runtime.dtype_choice import choose_dtype
+    from specserve.dtype_choice import choose_dtype
 
     chosen, rates = choose_dtype(args.target_model, "target")
     return "auto", chosen, rates
@@ -206,7 +207,7 @@ def _resolve_dtype(args) -> tuple[str, str, dict[str, float]]:
 
 def _profiles_used(args, draft_model: str | None) -> dict:
     """The cost profiles the services use (read from the cache they wrote, same thread count)."""
-    from specserve.runtime.models import load_model
+    from specserve.loading import load_model
     from specserve.runtime.profile import profile_for, profile_to_json
 
     profiles = {}

@@ -61,8 +61,8 @@ def format_profile(title: str, profile: MeasuredProfile) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from specserve.runtime.dtype_choice import MARGIN, serving_rate
-    from specserve.runtime.models import load_model
+    from specserve.dtype_choice import MARGIN, serving_rate
+    from specserve.loading import load_model
     from specserve.runtime.profile import profile_for
 
     if args.threads:

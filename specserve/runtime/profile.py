@@ -7,13 +7,15 @@ least bytes the forward reads (weights + KV cache) and its FLOPs, so `specserve
 profile` can show how far each shape is from this machine's limits, which
 `measure_limits` measures with torch: memory read bandwidth and matmul peak.
 
-The measurement runs against a *session factory* (anything with KVSession's
-`extend`, `extend_masked`, `rollback`, `length`), so another engine can be profiled
-the same way. Results are cached as JSON under `cache_root()/profiles`.
+The measurement runs against an engine's session factory (`Engine.new_session`:
+`extend`, `extend_tree`, `rollback`, `length`; a feature draft's sessions also take
+its hidden states through `extend_masked`), so every engine is profiled the same way.
+Results are cached as JSON under `cache_root()/profiles`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,7 +30,8 @@ import torch
 
 from specserve.core.controller import CostPoint, CostProfile, CostTable
 from specserve.core.tree import DraftTree, ancestor_mask
-from specserve.runtime.models import LoadedModel, cache_root
+from specserve.runtime.engine import Engine
+from specserve.runtime.models import cache_root
 
 PROFILE_VERSION = 1
 CONTEXTS = (128, 1024)
@@ -40,11 +43,13 @@ FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "am
 
 
 class ForwardSession(Protocol):
+    """What is measured: `EngineSession` (runtime/engine.py), or any session like it."""
+
     length: int
 
     def extend(self, token_ids: list[int], logits_for: int = 1) -> Any: ...
 
-    def extend_masked(self, token_ids: list[int], positions: list[int], visible: torch.Tensor, **inputs) -> Any: ...
+    def extend_tree(self, token_ids: list[int], positions: list[int], visible: torch.Tensor, return_hidden: bool = False) -> Any: ...
 
     def rollback(self, length: int) -> None: ...
 
@@ -67,6 +72,7 @@ class ProfileSubject:
     kv_bytes_per_token: float = 0.0  # KV cache bytes per cached token, all layers
     attention_width: float = 0.0  # layers x heads x head_dim: attention FLOPs per token pair / 4
     max_context_tokens: int = 1 << 30  # measured contexts stay within the model's window
+    supports_trees: bool = True  # the target's sessions take extend_tree (else no tree table)
 
 
 @dataclass
@@ -79,12 +85,15 @@ class MeasuredProfile:
     from_cache: bool = False
 
 
-def subject_for(loaded: LoadedModel, role: str, device: str = "cpu") -> ProfileSubject:
-    """The torch engine's subject: a KVSession on the loaded model."""
-    from specserve.runtime.kv import KVSession
-
-    model = loaded.model
-    size = torch.finfo(loaded.dtype).bits // 8
+def subject_for(loaded: Engine, role: str, device: str = "cpu") -> ProfileSubject:
+    """An engine's subject: its sessions; bytes and FLOPs per shape when it is a torch module."""
+    model = getattr(loaded, "model", None)
+    subject = ProfileSubject(name=loaded.spec, role=role, dtype=loaded.dtype_name, device=device,
+                             new_session=loaded.new_session, max_context_tokens=loaded.max_context_tokens,
+                             supports_trees=loaded.supports_trees)
+    if not isinstance(model, torch.nn.Module):
+        return subject  # another engine: costs only
+    size = next(model.parameters()).element_size()
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_params = float(head.weight.numel()) if head is not None else float(getattr(model, "vocab_ids", torch.empty(0)).numel()
@@ -99,12 +108,11 @@ def subject_for(loaded: LoadedModel, role: str, device: str = "cpu") -> ProfileS
     hidden_size = int(getattr(config, "hidden_size", embed.shape[1]))
     extra: Callable[[int], dict] = lambda n: {}
     if loaded.needs_target_hidden_states:
-        extra = lambda n: {"target_hidden": torch.randn(1, n, hidden_size, dtype=loaded.dtype, generator=torch.Generator().manual_seed(n))}
-    return ProfileSubject(
-        name=loaded.spec, role=role, dtype=loaded.dtype_name, device=device, new_session=lambda: KVSession(model),
-        extra_inputs=extra, weight_bytes=(body + head_params) * size, body_params=body, head_params=head_params,
+        dtype = next(model.parameters()).dtype
+        extra = lambda n: {"target_hidden": torch.randn(1, n, hidden_size, generator=torch.Generator().manual_seed(n)).to(dtype)}
+    return dataclasses.replace(
+        subject, extra_inputs=extra, weight_bytes=(body + head_params) * size, body_params=body, head_params=head_params,
         kv_bytes_per_token=2.0 * layers * kv_heads * head_dim * size, attention_width=float(layers * heads * head_dim),
-        max_context_tokens=loaded.max_context_tokens,
     )
 
 
@@ -169,10 +177,16 @@ def measure(subject: ProfileSubject, contexts=CONTEXTS, repeats: int = REPEATS) 
 
             def forward() -> None:
                 if masked:
+                    # A chain-shaped tree (the cost of tree attention barely depends on the shape),
+                    # or one level of `visible` siblings.
                     positions = [context + d for d in [0, *DraftTree.chain(new[1:]).depths()]] if visible is None else \
                         [context] * tokens
                     mask = ancestor_mask(DraftTree.chain(new[1:])) if visible is None else visible
-                    session.extend_masked(new, positions, mask, **subject.extra_inputs(tokens))
+                    extra = subject.extra_inputs(tokens)
+                    if extra:  # a feature draft: its own inputs besides the tokens
+                        session.extend_masked(new, positions, mask, **extra)
+                    else:
+                        session.extend_tree(new, positions, mask)
                 else:
                     session.extend(new, logits_for=tokens)
                 session.rollback(context)
@@ -185,13 +199,15 @@ def measure(subject: ProfileSubject, contexts=CONTEXTS, repeats: int = REPEATS) 
         if subject.role == "target":
             for k in CHAIN_TOKENS:
                 add("verify_chain", k, k, run(k, masked=False))
-            for k in TREE_TOKENS:
+            for k in TREE_TOKENS if subject.supports_trees else ():
                 add("verify_tree", k, k, run(k, masked=True))
         else:
-            plain = not subject.extra_inputs(1)
-            add("draft_step", 1, 1, run(1, masked=not plain))
-            for width in LEVEL_WIDTHS:
+            feature_draft = bool(subject.extra_inputs(1))
+            add("draft_step", 1, 1, run(1, masked=feature_draft))
+            # Only feature drafts draft trees.
+            for width in LEVEL_WIDTHS if feature_draft else ():
                 add("draft_tree_level", width, width, run(width, masked=True, visible=torch.eye(width, dtype=torch.bool)))
+        getattr(session, "close", lambda: None)()
     return CostProfile(**{name: CostTable.of(points) for name, points in tables.items()})
 
 
@@ -236,7 +252,7 @@ def load_or_measure(subject: ProfileSubject, refresh: bool = False) -> MeasuredP
     return profile
 
 
-def profile_for(loaded: LoadedModel, role: str, device: str = "cpu", refresh: bool = False) -> MeasuredProfile | None:
+def profile_for(loaded: Engine, role: str, device: str = "cpu", refresh: bool = False) -> MeasuredProfile | None:
     """A loaded model's profile; None for a simulated model (it has no real cost to measure)."""
     if loaded.spec.startswith("sim:"):
         return None

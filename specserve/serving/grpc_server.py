@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from specserve.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
+from specserve.serving.security import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,17 @@ async def run_server(
     port: int,
     wait_ready: Callable[[], Awaitable[None]] | None = None,
     with_reflection: bool = False,
+    tls: ServerTls | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> None:
     """Serves until SIGINT/SIGTERM. `register` adds servicers and returns their full names.
 
     Health says NOT_SERVING until `wait_ready` (e.g. "the upstream services answer")
-    completes, then SERVING.
+    completes, then SERVING. With `tls`, the port speaks TLS only (mutual TLS when it
+    names a client CA); `interceptors` see every call (e.g. bearer-token checks).
     """
     # No SO_REUSEPORT: a second server on a taken port must fail, not share its traffic.
-    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)], interceptors=list(interceptors))
     names = register(server)
     health_servicer = health.aio.HealthServicer()
     # The servicer starts with the overall status SERVING; say NOT_SERVING until ready.
@@ -99,11 +103,12 @@ async def run_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if with_reflection:
         reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"cannot listen on {host}:{port}")
     await server.start()
-    log.info("listening on %s:%d (%s)", host, bound, ", ".join(names))
+    log.info("listening on %s:%d%s (%s)", host, bound, " with TLS" if tls else "", ", ".join(names))
     async def become_ready() -> None:
         if wait_ready is not None:
             await wait_ready()

@@ -10,7 +10,7 @@ from typing import TypeVar
 import torch
 
 from specserve.core.sampling import SamplingConfig
-from specserve.runtime.models import LoadedModel
+from specserve.runtime.engine import Engine
 from specserve.serving.grpc_server import SessionLimit, status_on_error
 from specserve.v1 import common_pb2, model_service_pb2
 
@@ -24,7 +24,7 @@ class ModelHost:
     forward pass), and the event loop stays free to move messages.
     """
 
-    def __init__(self, loaded: LoadedModel, max_sessions: int, threads: int | None = None,
+    def __init__(self, loaded: Engine, max_sessions: int, threads: int | None = None,
                  cost_profile: model_service_pb2.CostProfile | None = None):
         self.loaded = loaded
         self.sessions = SessionLimit(max_sessions)
@@ -66,20 +66,20 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
     """
     import logging
 
-    from specserve.runtime.models import load_model
+    from specserve.loading import load_model
     from specserve.serving.grpc_server import run_server
+    from specserve.serving.security import server_tls
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
     if not args.model:
         raise SystemExit(f"{role}: no model given (--model)")
-    from specserve.runtime.dtype_choice import resolve_dtype
+    from specserve.dtype_choice import resolve_dtype
     from specserve.runtime.profile import profile_for
     from specserve.serving import cost_profile
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = resolve_dtype(args.dtype, args.model, role, args.device)
-    loaded = load_model(args.model, dtype, args.device)
+    loaded = load_model(args.model, resolve_dtype(args.dtype, args.model, role, args.device), args.device)
     # What a forward costs here, measured before serving (a few seconds, once per machine: cached).
     measured = profile_for(loaded, role, args.device)
     if measured is not None:
@@ -91,7 +91,7 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
         add_to_server(make_servicer(host), server)
         return [service.full_name]
 
-    asyncio.run(run_server(register, args.host, args.port))
+    asyncio.run(run_server(register, args.host, args.port, tls=server_tls(args)))
 
 
 class SessionServicer:
@@ -114,8 +114,12 @@ class SessionServicer:
         async with status_on_error(context):
             with self.host.sessions.hold():
                 worker = self.new_worker()
-                async for request in request_iterator:
-                    yield await self._handle(worker, request)
+                try:
+                    async for request in request_iterator:
+                        yield await self._handle(worker, request)
+                finally:
+                    # On the model thread: an op of this session may still be running there.
+                    await self.host.run(worker.close)
 
     def new_worker(self):
         return self.worker_class(self.host.loaded)

@@ -29,7 +29,7 @@ def serving_rate(costs: CostProfile, role: str) -> float:
 
 def choose_dtype(model: str, role: str = "target", device: str = "cpu") -> tuple[str, dict[str, float]]:
     """(the chosen dtype, each candidate's serving rate)."""
-    from specserve.runtime.models import load_model
+    from specserve.loading import load_model
     from specserve.runtime.profile import profile_for
 
     rates = {}
