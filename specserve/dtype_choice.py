@@ -38,8 +38,12 @@ def choose_dtype(model: str, role: str = "target", device: str = "cpu") -> tuple
         if measured is None:  # a simulated model: nothing to measure
             return "float32", {}
         rates[dtype] = serving_rate(measured.costs, role)
-    best = "bfloat16" if rates["bfloat16"] > MARGIN * rates["float32"] else "float32"
-    return best, rates
+    return pick(rates), rates
+
+
+def pick(rates: dict[str, float]) -> str:
+    """bfloat16 when it serves MARGIN faster than float32, else float32."""
+    return "bfloat16" if rates.get("bfloat16", 0.0) > MARGIN * rates.get("float32", 0.0) else "float32"
 
 
 def resolve_dtype(dtype: str, model: str, role: str = "target", device: str = "cpu") -> str:

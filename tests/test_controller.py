@@ -154,3 +154,23 @@ def test_bigger_trees_get_tried_when_they_cost_little():
     for _ in range(20):
         controller.record(StepPlan(4, 4), depth=4, nodes=4, accepted=1)
     assert controller.plan(200, 1000).nodes == 16
+
+
+def test_dtype_auto_scores_each_dtypes_profile():
+    from specserve.dtype_choice import pick, serving_rate
+
+    def profile(ms_1, ms_5, ms_17):
+        t = CostTable.of([CostPoint(200, 1, ms_1), CostPoint(200, 5, ms_5), CostPoint(200, 17, ms_17)])
+        return CostProfile(verify_chain=t, verify_tree=t)
+
+    # DESIGN.md §3: a Xeon with AMX, where bf16 batches are nearly free.
+    xeon = {"float32": serving_rate(profile(36.6, 59.5, 79.3), "target"),
+            "bfloat16": serving_rate(profile(41.3, 43.5, 47.8), "target")}
+    assert pick(xeon) == "bfloat16"
+    # bf16 no faster for one token and slow for batches: float32, exact, wins.
+    slow_bf16 = {"float32": serving_rate(profile(36.6, 59.5, 79.3), "target"),
+                 "bfloat16": serving_rate(profile(38.0, 115.0, 317.0), "target")}
+    assert pick(slow_bf16) == "float32"
+    # A draft is scored by its drafting step alone.
+    fast = CostProfile(draft_step=CostTable.of([CostPoint(200, 1, 5.0)]))
+    assert serving_rate(fast, "draft") == pytest.approx(0.2)

@@ -61,7 +61,7 @@ def format_profile(title: str, profile: MeasuredProfile) -> str:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from specserve.dtype_choice import MARGIN, serving_rate
+    from specserve.dtype_choice import pick, serving_rate
     from specserve.loading import load_model
     from specserve.runtime.profile import profile_for
 
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             if role == "target":
                 rates[dtype] = serving_rate(measured.costs, role)
     if {"float32", "bfloat16"} <= rates.keys():
-        chosen = "bfloat16" if rates["bfloat16"] > MARGIN * rates["float32"] else "float32"
+        chosen = pick(rates)
         print(f"--dtype auto chooses {chosen}: expected tokens/s at a typical acceptance (0.6 per position), "
               f"best of plain decoding and every chain length: "
               + ", ".join(f"{d} {r * 1e3:.1f}" for d, r in rates.items()))
