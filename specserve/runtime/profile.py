@@ -33,7 +33,7 @@ from specserve.core.tree import DraftTree, ancestor_mask
 from specserve.runtime.engine import Engine
 from specserve.runtime.models import cache_root
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: interleaved rounds, fastest run, monotone envelope
 CONTEXTS = (128, 1024)
 CHAIN_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 TREE_TOKENS = (4, 16, 64)
@@ -132,13 +132,6 @@ def machine_facts() -> dict:
             "torch": torch.__version__}
 
 
-def _best_ms(fn: Callable[[], None], repeats: int) -> float:
-    """The fastest of `repeats` runs: on shared cores other work only ever adds time, and the
-    median of a few runs still carries it (measured here under load: a 2-token forward read
-    2x a 64-token one by the median)."""
-    return min(_timed(fn) for _ in range(repeats)) * 1e3
-
-
 def measure_limits(dtype: torch.dtype, repeats: int = 5) -> tuple[float, float]:
     """(memory read GB/s, matmul GFLOP/s in dtype), best of `repeats`, a fraction of a second."""
     data = torch.ones(32 * 2**20, dtype=torch.float32)  # 128 MB, larger than any cache
@@ -165,50 +158,72 @@ def _point(subject: ProfileSubject, context: int, new_tokens: int, logits_rows: 
 
 @torch.inference_mode()
 def measure(subject: ProfileSubject, contexts=CONTEXTS, repeats: int = REPEATS) -> CostProfile:
-    """The cost tables of the subject's role (see the module doc)."""
-    tables: dict[str, list[CostPoint]] = {}
+    """The cost tables of the subject's role (see the module doc).
+
+    Every shape runs once to warm up, then `repeats` rounds over all shapes; a shape keeps
+    its fastest run. Rounds spread a burst of other work over different shapes, and since
+    such work only ever adds time, the tables are then made monotone from above: a forward
+    over k tokens costs at most what one over more tokens, or at a longer context, took."""
     room = subject.max_context_tokens - max(CHAIN_TOKENS + TREE_TOKENS + LEVEL_WIDTHS) - 1
+    shapes: list[tuple[str, int, int, Callable[[], None]]] = []  # (table, context, tokens, forward)
+    sessions = []
     for context in sorted({max(min(c, room), 1) for c in contexts}):
         session = subject.new_session()
+        sessions.append(session)
         _prefill(subject, session, context)
-
-        def run(tokens: int, masked: bool, visible: torch.Tensor | None = None) -> Callable[[], None]:
-            new = [1000 + i for i in range(tokens)]
-
-            def forward() -> None:
-                if masked:
-                    # A chain-shaped tree (the cost of tree attention barely depends on the shape),
-                    # or one level of `visible` siblings.
-                    positions = [context + d for d in [0, *DraftTree.chain(new[1:]).depths()]] if visible is None else \
-                        [context] * tokens
-                    mask = ancestor_mask(DraftTree.chain(new[1:])) if visible is None else visible
-                    extra = subject.extra_inputs(tokens)
-                    if extra:  # a feature draft: its own inputs besides the tokens
-                        session.extend_masked(new, positions, mask, **extra)
-                    else:
-                        session.extend_tree(new, positions, mask)
-                else:
-                    session.extend(new, logits_for=tokens)
-                session.rollback(context)
-            return forward
-
-        def add(table: str, tokens: int, logits_rows: int, fn: Callable[[], None]) -> None:
-            fn()  # warm up this shape
-            tables.setdefault(table, []).append(_point(subject, context, tokens, logits_rows, _best_ms(fn, repeats)))
-
         if subject.role == "target":
-            for k in CHAIN_TOKENS:
-                add("verify_chain", k, k, run(k, masked=False))
-            for k in TREE_TOKENS if subject.supports_trees else ():
-                add("verify_tree", k, k, run(k, masked=True))
+            shapes += [("verify_chain", context, k, _forward(subject, session, context, k, "chain")) for k in CHAIN_TOKENS]
+            shapes += [("verify_tree", context, k, _forward(subject, session, context, k, "tree"))
+                       for k in (TREE_TOKENS if subject.supports_trees else ())]
         else:
             feature_draft = bool(subject.extra_inputs(1))
-            add("draft_step", 1, 1, run(1, masked=feature_draft))
-            # Only feature drafts draft trees.
-            for width in LEVEL_WIDTHS if feature_draft else ():
-                add("draft_tree_level", width, width, run(width, masked=True, visible=torch.eye(width, dtype=torch.bool)))
+            shapes.append(("draft_step", context, 1, _forward(subject, session, context, 1, "tree" if feature_draft else "chain")))
+            # Only feature drafts draft trees; a level is `width` siblings.
+            shapes += [("draft_tree_level", context, w, _forward(subject, session, context, w, "level"))
+                       for w in (LEVEL_WIDTHS if feature_draft else ())]
+    best = [float("inf")] * len(shapes)
+    for round_ in range(repeats + 1):
+        for i, (_, _, _, forward) in enumerate(shapes):
+            took = _timed(forward)
+            if round_:  # round 0 warms every shape up
+                best[i] = min(best[i], took * 1e3)
+    for session in sessions:
         getattr(session, "close", lambda: None)()
+    tables: dict[str, list[CostPoint]] = {}
+    for (table, context, tokens, _), ms in zip(shapes, _monotone(shapes, best)):
+        tables.setdefault(table, []).append(_point(subject, context, tokens, tokens, ms))
     return CostProfile(**{name: CostTable.of(points) for name, points in tables.items()})
+
+
+def _monotone(shapes: list[tuple[str, int, int, Callable]], best: list[float]) -> list[float]:
+    """Each shape's time, at most that of any shape of its table with as many tokens or more
+    at as long a context or longer."""
+    return [min(b for (t2, c2, k2, _), b in zip(shapes, best) if t2 == table and c2 >= context and k2 >= tokens)
+            for (table, context, tokens, _) in shapes]
+
+
+def _forward(subject: ProfileSubject, session: ForwardSession, context: int, tokens: int, kind: str) -> Callable[[], None]:
+    """One forward over `tokens` new tokens after `context`, rolled back after: a chain (logits
+    for each), a chain-shaped tree through tree attention (its cost barely depends on the
+    shape), or a tree level of `tokens` siblings."""
+    new = [1000 + i for i in range(tokens)]
+    chain = DraftTree.chain(new[1:])
+    if kind == "level":
+        positions, mask = [context] * tokens, torch.eye(tokens, dtype=torch.bool)  # [n, n]
+    else:
+        positions, mask = [context + d for d in [0, *chain.depths()]], ancestor_mask(chain)  # mask [n, n]
+
+    def forward() -> None:
+        if kind == "chain":
+            session.extend(new, logits_for=tokens)
+        else:
+            extra = subject.extra_inputs(tokens)
+            if extra:  # a feature draft: its own inputs besides the tokens
+                session.extend_masked(new, positions, mask, **extra)
+            else:
+                session.extend_tree(new, positions, mask)
+        session.rollback(context)
+    return forward
 
 
 def _prefill(subject: ProfileSubject, session: ForwardSession, context: int) -> None:
