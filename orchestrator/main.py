@@ -9,7 +9,7 @@ import logging
 from orchestrator import requests
 from orchestrator.costs import round_trip_ms
 from orchestrator.ngram_pool import NgramPool
-from orchestrator.replicas import ReplicaSet
+from orchestrator.replicas import AdmissionQueue, ReplicaSet
 from orchestrator.servicer import OrchestratorServicer, Upstreams
 from specserve.core.tree import MAX_TREE_NODES, TreeShape
 from specserve.runtime.models import DEFAULT_MODEL, load_tokenizer
@@ -54,6 +54,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["cost", "adaptive"],
                         help="cost: choose K / tree size per step from the services' measured cost profiles and the "
                              "acceptance seen; adaptive: the cost-blind adaptive K [env SPECSERVE_SPECULATION_CONTROL]")
+    parser.add_argument("--max-queued", type=int, default=env_default("SPECSERVE_MAX_QUEUED", 256),
+                        help="requests that may wait for a target session while every replica is full; more get "
+                             "RESOURCE_EXHAUSTED [env SPECSERVE_MAX_QUEUED]")
+    parser.add_argument("--queue-timeout-s", type=float, default=env_default("SPECSERVE_QUEUE_TIMEOUT_S", 30.0),
+                        help="how long a request waits for a session before RESOURCE_EXHAUSTED [env SPECSERVE_QUEUE_TIMEOUT_S]")
+    parser.add_argument("--op-timeout-s", type=float, default=env_default("SPECSERVE_OP_TIMEOUT_S", 60.0),
+                        help="a replica that takes longer over one op counts as failed and the session moves "
+                             "[env SPECSERVE_OP_TIMEOUT_S]")
     add_server_tls_arguments(parser)
     add_auth_arguments(parser)
     add_upstream_tls_arguments(parser)
@@ -91,7 +99,8 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
         import redis.asyncio as redis
 
         redis_client = redis.from_url(args.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
-    servicer = OrchestratorServicer(upstreams, tokenizer, limits, pool=None)
+    servicer = OrchestratorServicer(upstreams, tokenizer, limits, pool=None,
+                                    admission=AdmissionQueue(args.max_queued, args.queue_timeout_s), op_timeout_s=args.op_timeout_s)
 
     async def wait_ready() -> None:
         # SERVING only once a target replica answers (and a draft replica, when configured).

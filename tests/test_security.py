@@ -49,8 +49,6 @@ def _issue(directory: Path, name: str, ca: tuple | None = None, is_ca: bool = Fa
 def secured_stack(tiny_target_dir, tmp_path_factory):
     """A target speaking mutual TLS, an orchestrator reaching it with a client certificate and
     serving TLS with bearer tokens; (address, certificate directory, log directory)."""
-    from specserve.launcher import wait_serving
-
     pki = tmp_path_factory.mktemp("pki")
     ca = _issue(pki, "ca", is_ca=True)
     for name in ("target", "orchestrator", "orchestrator-client"):

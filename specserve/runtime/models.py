@@ -191,7 +191,8 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> Loaded
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if spec.startswith("sim:") or (Path(spec) / "drafter.json").is_file():
         raise ValueError(f"model {spec!r}: drafters and simulated models load through specserve.loading.load_model")
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(spec), dtype=DTYPES[dtype]).to(device).eval()
+    # safetensors only: a directory of pickled weights could run code when loaded.
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(spec), dtype=DTYPES[dtype], use_safetensors=True).to(device).eval()
     is_lm = hasattr(model, "model") and hasattr(model, "lm_head")
     return from_module(spec, model, DTYPES[dtype], returns_hidden_states=is_lm, supports_trees=is_lm)
 

@@ -12,8 +12,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from specserve.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
+from specserve.core.errors import (
+    DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented,
+)
 from specserve.serving.security import ServerTls
+from specserve.serving.wire import MalformedRequestInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +37,17 @@ _STATUS = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
 class UpstreamError(Exception):
     """A call to another service failed; carries its status to our caller."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, unsent: bool = False):
         super().__init__(message)
         self.code = code
+        self.unsent = unsent  # the op never reached the service (its stream had already ended)
 
 
 @contextlib.asynccontextmanager
@@ -51,6 +56,9 @@ async def status_on_error(context: grpc.aio.ServicerContext) -> AsyncIterator[No
     try:
         yield
     except tuple(_STATUS) as error:
+        retry_after_ms = getattr(error, "retry_after_ms", None)
+        if retry_after_ms is not None:
+            context.set_trailing_metadata((("retry-after-ms", str(retry_after_ms)),))
         await context.abort(_STATUS[type(error)], str(error))
     except UpstreamError as error:
         await context.abort(error.code, str(error))
@@ -95,7 +103,9 @@ async def run_server(
     names a client CA); `interceptors` see every call (e.g. bearer-token checks).
     """
     # No SO_REUSEPORT: a second server on a taken port must fail, not share its traffic.
-    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)], interceptors=list(interceptors))
+    # Undecodable requests get INVALID_ARGUMENT first; then the caller's interceptors (e.g. tokens).
+    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+                             interceptors=[MalformedRequestInterceptor(), *interceptors])
     names = register(server)
     health_servicer = health.aio.HealthServicer()
     # The servicer starts with the overall status SERVING; say NOT_SERVING until ready.
