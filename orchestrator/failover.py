@@ -77,7 +77,7 @@ class FailoverTargetSession:
         self.record: list[int] = []  # the tokens the target's cache holds
         self.failovers = 0
         self.closed = False  # the request is over: a session that opens now closes at once
-        self._start_args: tuple[SamplingConfig, int, bool] | None = None
+        self._start_args: tuple[SamplingConfig, int, bool, object] | None = None
 
     @property
     def last_compute_ms(self) -> float:
@@ -87,8 +87,14 @@ class FailoverTargetSession:
     def last_hidden_states(self):
         return self.session.last_hidden_states if self.session else None
 
-    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> int:
-        self._start_args = (sampling, seed, return_hidden_states)
+    @property
+    def last_candidates(self):
+        """A Medusa session's next candidates (RemoteTargetSession.last_candidates)."""
+        return self.session.last_candidates if self.session else None
+
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False,
+                    medusa=None) -> int:
+        self._start_args = (sampling, seed, return_hidden_states, medusa)
         first = await self._open(prompt, first_open=True)
         self.record = list(prompt)
         return first
@@ -115,13 +121,13 @@ class FailoverTargetSession:
 
     async def _open(self, prompt: list[int], first_open: bool) -> int:
         """A session on a healthy replica holding `prompt`; the token it generated after it."""
-        sampling, seed, return_hidden = self._start_args
+        sampling, seed, return_hidden, medusa = self._start_args
         tried: set[str] = set()
         while True:
             replica = await self._pick(tried)
             session = RemoteTargetSession(replica.stub, self.policy.stream_timeout_s())
             try:
-                first = await race_failure(asyncio.wait_for(session.start(prompt, sampling, seed, return_hidden),
+                first = await race_failure(asyncio.wait_for(session.start(prompt, sampling, seed, return_hidden, medusa),
                                                             self.policy.op_timeout_s), replica)
             except BaseException as error:  # a cancelled request too: its half-open stream must not leak
                 session.close()

@@ -8,12 +8,14 @@ import logging
 
 from orchestrator import requests
 from orchestrator.costs import round_trip_ms
+from orchestrator.metered import MeteredOrchestratorServicer
 from orchestrator.ngram_pool import NgramPool
 from orchestrator.replicas import AdmissionQueue, ReplicaSet
 from orchestrator.servicer import OrchestratorServicer, Upstreams
 from specserve.core.tree import MAX_TREE_NODES, TreeShape
 from specserve.runtime.models import DEFAULT_MODEL, load_tokenizer
 from specserve.serving.grpc_server import run_server
+from specserve.serving.metrics import OrchestratorMetrics, serve_metrics
 from specserve.serving.options import env_default, run_or_exit
 from specserve.serving.security import (
     BearerTokenInterceptor, add_auth_arguments, add_server_tls_arguments, add_upstream_tls_arguments, load_tokens, server_tls,
@@ -48,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a request's speculation.tree_nodes overrides it [env SPECSERVE_TREE_NODES]")
     parser.add_argument("--tree-width", type=int, default=env_default("SPECSERVE_TREE_WIDTH", TreeShape.width),
                         help="nodes of a tree level expanded further [env SPECSERVE_TREE_WIDTH]")
+    parser.add_argument("--metrics-port", type=int, default=env_default("SPECSERVE_METRICS_PORT", 0),
+                        help="serve Prometheus metrics over HTTP on this port, 0 = off [env SPECSERVE_METRICS_PORT]")
     parser.add_argument("--tree-branch", type=int, default=env_default("SPECSERVE_TREE_BRANCH", TreeShape.branch),
                         help="children drafted per expanded node [env SPECSERVE_TREE_BRANCH]")
     parser.add_argument("--speculation-control", default=env_default("SPECSERVE_SPECULATION_CONTROL", "cost"),
@@ -99,8 +103,14 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
         import redis.asyncio as redis
 
         redis_client = redis.from_url(args.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
-    servicer = OrchestratorServicer(upstreams, tokenizer, limits, pool=None,
-                                    admission=AdmissionQueue(args.max_queued, args.queue_timeout_s), op_timeout_s=args.op_timeout_s)
+    options = dict(pool=None, admission=AdmissionQueue(args.max_queued, args.queue_timeout_s), op_timeout_s=args.op_timeout_s)
+    metrics = OrchestratorMetrics() if args.metrics_port else None
+    if metrics is None:
+        servicer = OrchestratorServicer(upstreams, tokenizer, limits, **options)
+    else:
+        servicer = MeteredOrchestratorServicer(upstreams, tokenizer, limits, metrics=metrics, **options)
+        metrics.queued.set_function(lambda: servicer.admission.waiting)
+        metrics_server = serve_metrics(metrics.registry, args.host, args.metrics_port)
 
     async def wait_ready() -> None:
         # SERVING only once a target replica answers (and a draft replica, when configured).
@@ -111,7 +121,7 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
             await upstreams.draft.wait_healthy()
             upstreams.draft_round_trip_ms = await round_trip_ms(upstreams.draft.healthy()[0].stub.GetInfo)
         if redis_client is not None:
-            servicer.pool = NgramPool(redis_client, namespace=info.model)
+            servicer.pool = NgramPool(redis_client, namespace=info.model, on_lookup=metrics.pool_lookup if metrics else None)
 
     def register(server) -> list[str]:
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, server)
@@ -127,6 +137,8 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
         await asyncio.gather(*watchers, return_exceptions=True)
         if redis_client is not None:
             await redis_client.aclose()
+        if metrics is not None:
+            metrics_server.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:

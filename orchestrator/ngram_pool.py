@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import logging
+from collections.abc import Callable
 
 import redis.asyncio as redis
 
@@ -26,8 +27,10 @@ def _unpack(data: bytes) -> list[int]:
 
 
 class NgramPool:
-    def __init__(self, client: redis.Redis, namespace: str, n: int = 3, continuation: int = 16, ttl_s: int = 86400):
+    def __init__(self, client: redis.Redis, namespace: str, n: int = 3, continuation: int = 16, ttl_s: int = 86400,
+                 on_lookup: Callable[[bool], None] | None = None):
         self.client = client
+        self.on_lookup = on_lookup  # told whether each lookup found a continuation (metrics)
         self.prefix = f"specserve:ngram:v1:{namespace}:".encode()
         self.n = n
         self.continuation = continuation
@@ -55,5 +58,8 @@ class NgramPool:
             data = await self.client.get(self._key(sequence[-self.n :]))
         except redis.RedisError as error:
             log.warning("n-gram pool: lookup failed: %s", error)
-            return []
-        return _unpack(data)[:k] if data else []
+            data = None
+        found = _unpack(data)[:k] if data else []
+        if self.on_lookup is not None:
+            self.on_lookup(bool(found))
+        return found

@@ -6,12 +6,13 @@ import math
 from dataclasses import dataclass, field
 
 from specserve.core.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from specserve.core.medusa_tree import POSTERIOR_ALPHA, POSTERIOR_THRESHOLD, build_medusa_tree, default_choices
 from specserve.core.sampling import SamplingConfig
 from specserve.core.tree import MAX_TREE_NODES, TreeShape
-from specserve.v1 import orchestrator_pb2 as pb
+from specserve.v1 import common_pb2, orchestrator_pb2 as pb
 
 METHOD_NAMES = {value: name for name, value in pb.Method.items()}
-SPECULATIVE_METHODS = (pb.DRAFT_MODEL, pb.PROMPT_LOOKUP)
+SPECULATIVE_METHODS = (pb.DRAFT_MODEL, pb.PROMPT_LOOKUP, pb.MEDUSA)
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -56,6 +57,8 @@ class Job:
     k: int  # starting speculation length (0 for AUTOREGRESSIVE)
     fixed_length: bool
     tree_nodes: int = 0  # nodes of a feature draft's trees for greedy requests; 0: chains
+    medusa: object = None  # MEDUSA: the resolved MedusaParams for the target (choices filled in)
+    lossy: bool = False  # a lossy acceptance rule runs (MEDUSA's typical acceptance, sampled)
 
 
 def tokenize(request: pb.GenerateRequest, tokenizer) -> list[int]:
@@ -76,9 +79,14 @@ def tokenize(request: pb.GenerateRequest, tokenizer) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
-def parse(request: pb.GenerateRequest, tokenizer, limits: Limits, max_context_tokens: int, has_draft: bool) -> Job:
+def parse(request: pb.GenerateRequest, tokenizer, limits: Limits, max_context_tokens: int, has_draft: bool,
+          medusa_heads: int = 0) -> Job:
     sampling = _sampling(request.sampling, limits)
     method, k, fixed = _speculation(request.speculation, limits, has_draft)
+    medusa = None
+    if method == pb.MEDUSA:
+        medusa, k = _medusa(request.speculation, medusa_heads, sampling)
+        fixed = True  # the tree's depth is the heads' reach
     tree_nodes = _tree_nodes(request.speculation, limits)
     prompt_ids = tokenize(request, tokenizer)
     if not prompt_ids:
@@ -88,7 +96,8 @@ def parse(request: pb.GenerateRequest, tokenizer, limits: Limits, max_context_to
             f"prompt: {len(prompt_ids)} tokens leave no room in the context window of {max_context_tokens} tokens"
         )
     seed = request.sampling.seed if request.sampling.HasField("seed") else None
-    return Job(prompt_ids, sampling, seed, method, k, fixed, tree_nodes)
+    lossy = medusa is not None and medusa.typical_acceptance and not sampling.greedy
+    return Job(prompt_ids, sampling, seed, method, k, fixed, tree_nodes, medusa, lossy)
 
 
 def _sampling(params, limits: Limits) -> SamplingConfig:
@@ -119,11 +128,32 @@ def _tree_nodes(params, limits: Limits) -> int:
     return params.tree_nodes
 
 
+def _medusa(params, heads: int, sampling: SamplingConfig):
+    """(MedusaParams for the target with the choices resolved, K: the tree's depth or the chain's length)."""
+    if heads == 0:
+        raise FailedPrecondition("speculation.method: MEDUSA needs a target service with Medusa heads (--medusa), "
+                                 "and the configured one has none")
+    given = params.medusa
+    choices = [list(path.ranks) for path in given.choices] or default_choices(heads)
+    tree = build_medusa_tree(choices, heads, field="speculation.medusa.choices")
+    threshold = given.posterior_threshold if given.HasField("posterior_threshold") else POSTERIOR_THRESHOLD
+    alpha = given.posterior_alpha if given.HasField("posterior_alpha") else POSTERIOR_ALPHA
+    if not 0.0 < threshold <= 1.0:
+        raise InvalidArgument(f"speculation.medusa.posterior_threshold: must be in (0, 1], got {threshold}")
+    if not 0.0 < alpha <= 1.0:
+        raise InvalidArgument(f"speculation.medusa.posterior_alpha: must be in (0, 1], got {alpha}")
+    resolved = common_pb2.MedusaParams(choices=[common_pb2.MedusaPath(ranks=list(c)) for c in tree.choices],
+                               typical_acceptance=given.typical_acceptance, posterior_threshold=threshold,
+                               posterior_alpha=alpha)
+    chain = not sampling.greedy and not given.typical_acceptance
+    return resolved, heads if chain else tree.depth
+
+
 def _speculation(params, limits: Limits, has_draft: bool) -> tuple[int, int, bool]:
     method = params.method or limits.default_method
     if method not in METHOD_NAMES:
         raise InvalidArgument(f"speculation.method: unknown method {method}")
-    if method in (pb.MEDUSA, pb.LOOKAHEAD):
+    if method == pb.LOOKAHEAD:
         raise Unimplemented(f"speculation.method: {METHOD_NAMES[method]} is not served yet")
     if method == pb.DRAFT_MODEL and not has_draft:
         raise FailedPrecondition("speculation.method: DRAFT_MODEL needs a draft service, and none is configured")

@@ -18,6 +18,7 @@ from orchestrator.replicas import AdmissionQueue, ReplicaSet
 from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer
 from specserve.core.controller import speculation_policy
 from specserve.core.errors import Unavailable
+from specserve.core.medusa_proposer import ColocatedMedusaProposer
 from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.speculate import DecodeRequest, Finish, decode
 from specserve.core.text import IncrementalDetokenizer, StopStringFilter
@@ -65,7 +66,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             info = self.upstreams.target_info
             if info is None:
                 raise Unavailable("the target service has not answered yet; retry shortly")
-            job = requests.parse(request, self.tokenizer, self.limits, info.max_context_tokens, self.upstreams.draft is not None)
+            job = requests.parse(request, self.tokenizer, self.limits, info.max_context_tokens, self.upstreams.draft is not None,
+                                 medusa_heads=info.medusa_num_heads)
             remaining_s = context.time_remaining()  # the client's deadline, propagated to every upstream stream
             loop = asyncio.get_running_loop()
             policy = SessionPolicy(None if remaining_s is None else loop.time() + remaining_s, self.op_timeout_s)
@@ -86,22 +88,32 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             stops = StopStringFilter(job.sampling.stop)
             generated: list[int] = []
             first_token_ms = None
+            accepted_so_far = proposed_so_far = 0
             try:
                 async for chunk in decode(target, proposer, decoding):
                     if first_token_ms is None:
                         first_token_ms = (time.perf_counter() - began) * 1e3
                     generated.extend(chunk.tokens)
-                    text = stops.push(detokenizer.push(chunk.tokens))
+                    # A verification's accepted proposals come first in its chunk; their text is
+                    # detokenized apart so that clients can tell them from the target's own token.
+                    accepted = min(decoding.stats.accepted_tokens - accepted_so_far, len(chunk.tokens))
+                    accepted_so_far = decoding.stats.accepted_tokens
+                    accepted_text = stops.push(detokenizer.push(chunk.tokens[:accepted])) if accepted else ""
+                    text = accepted_text + stops.push(detokenizer.push(chunk.tokens[accepted:]))
+                    marks = dict(accepted_tokens=accepted, accepted_text_length=len(accepted_text),
+                                 proposed_tokens=decoding.stats.proposed_tokens - proposed_so_far)
+                    proposed_so_far = decoding.stats.proposed_tokens
                     finish = Finish.STOP if stops.stopped else chunk.finish
                     if finish is None:
                         if chunk.tokens:
-                            yield pb.GenerateResponse(token_ids=chunk.tokens, text=text)
+                            yield pb.GenerateResponse(token_ids=chunk.tokens, text=text, **marks)
                         continue
                     text += stops.push(detokenizer.flush()) + stops.flush()
                     stats = decoding.stats
                     yield pb.GenerateResponse(
                         token_ids=chunk.tokens,
                         text=text,
+                        **marks,
                         finish_reason=FINISH[finish],
                         stats=pb.GenerationStats(
                             prompt_tokens=len(job.prompt_ids),
@@ -114,6 +126,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                             time_to_first_token_ms=first_token_ms or 0.0,
                             method=job.method,
                             draft_forward_passes=proposer.forward_passes if proposer else 0,
+                            lossy=job.lossy,
                             failovers=target.failovers + getattr(proposer, "failovers", 0),
                             step_timings=[
                                 pb.StepTiming(wall_ms=s.wall_ms, compute_ms=s.compute_ms, proposed=s.proposed, accepted=s.accepted)
@@ -142,6 +155,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             step_overhead_ms=up.target_round_trip_ms, draft_overhead_ms=up.draft_round_trip_ms if remote_draft else 0.0)
 
     def _proposer(self, job: requests.Job, policy: SessionPolicy):
+        if job.method == pb.MEDUSA:
+            return ColocatedMedusaProposer(job.medusa)  # the target's own heads: no draft session
         if job.method == pb.DRAFT_MODEL:
             info = self.upstreams.draft_info
             if info is None:

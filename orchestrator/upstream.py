@@ -71,11 +71,15 @@ class RemoteTargetSession:
         self.last_compute_ms = 0.0
         # The last response's HiddenStates message, when the start op asked for them.
         self.last_hidden_states: common_pb2.HiddenStates | None = None
+        self.last_candidates: Proposal | None = None
 
-    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> int:
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False,
+                    medusa: common_pb2.MedusaParams | None = None) -> int:
         self.stream = _Stream("target", self.stub.Session(timeout=self.timeout_s))
         start = target_pb2.TargetStart(prompt_token_ids=prompt, sampling=_sampling_proto(sampling), seed=seed,
                                        return_hidden_states=return_hidden_states)
+        if medusa is not None:
+            start.medusa.CopyFrom(medusa)
         response = await self._request(target_pb2.TargetRequest(op_id=self.stream.op_id(), start=start))
         return response.token_ids[0]
 
@@ -90,6 +94,11 @@ class RemoteTargetSession:
     async def _request(self, request: target_pb2.TargetRequest) -> target_pb2.TargetResponse:
         response = await self.stream.request(request)
         self.last_hidden_states = response.hidden_states if response.HasField("hidden_states") else None
+        # A Medusa session's next candidates, computed by the heads beside the target.
+        self.last_candidates = None
+        if response.HasField("medusa_candidates"):
+            candidates = response.medusa_candidates
+            self.last_candidates = Proposal(list(candidates.token_ids), None, list(candidates.parents) or None)
         return response
 
     def close(self) -> None:

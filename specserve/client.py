@@ -27,6 +27,10 @@ def build_request(
     num_speculative_tokens: int | None = None,
     fixed_length: bool = False,
     tree_nodes: int | None = None,
+    medusa_choices: list[list[int]] | None = None,
+    typical_acceptance: bool = False,
+    posterior_threshold: float | None = None,
+    posterior_alpha: float | None = None,
 ) -> pb.GenerateRequest:
     sampling = common_pb2.SamplingParams(temperature=temperature, top_k=top_k, stop=stop or [])
     if max_new_tokens is not None:
@@ -40,6 +44,14 @@ def build_request(
         speculation.num_speculative_tokens = num_speculative_tokens
     if tree_nodes is not None:
         speculation.tree_nodes = tree_nodes
+    # MEDUSA: the candidate tree (None: the server's default) and the lossy, opt-in typical acceptance.
+    speculation.medusa.typical_acceptance = typical_acceptance
+    for path in medusa_choices or []:
+        speculation.medusa.choices.add(ranks=list(path))
+    if posterior_threshold is not None:
+        speculation.medusa.posterior_threshold = posterior_threshold
+    if posterior_alpha is not None:
+        speculation.medusa.posterior_alpha = posterior_alpha
     return pb.GenerateRequest(
         prompt=prompt or "",
         messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages or []],

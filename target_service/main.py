@@ -3,23 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import functools
+from pathlib import Path
 
-from specserve.runtime.models import DEFAULT_MODEL
+from specserve.runtime.models import DEFAULT_MODEL, DTYPES, SHIPPED_DRAFTS
 from specserve.serving.model_host import serve_model
-from specserve.serving.options import add_model_service_arguments, run_or_exit
+from specserve.serving.options import add_model_service_arguments, env_default, run_or_exit
 from specserve.v1 import target_pb2, target_pb2_grpc
 from target_service.servicer import TargetServicer
 
 DEFAULT_PORT = 50052
+# Medusa heads trained for the default target, shipped with the project.
+SHIPPED_MEDUSA = SHIPPED_DRAFTS / "smollm2-135m-medusa"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_service_arguments(parser, "TARGET", DEFAULT_PORT, DEFAULT_MODEL)
+    parser.add_argument("--medusa", default=env_default("SPECSERVE_TARGET_MEDUSA", "auto"),
+                        help="Medusa heads to host beside the model (a checkpoint directory in the published layout); "
+                             "'auto': the shipped heads for the default model; '': none [env SPECSERVE_TARGET_MEDUSA]")
+
+
+def medusa_heads_dir(args: argparse.Namespace) -> Path | None:
+    if args.medusa == "auto":
+        shipped = args.model == DEFAULT_MODEL and (SHIPPED_MEDUSA / "config.json").is_file()
+        return SHIPPED_MEDUSA if shipped else None
+    return Path(args.medusa) if args.medusa else None
 
 
 def run(args: argparse.Namespace) -> None:
-    serve_model(args, "target", TargetServicer, target_pb2_grpc.add_TargetServiceServicer_to_server,
-                target_pb2.DESCRIPTOR.services_by_name["TargetService"])
+    heads = None
+    directory = medusa_heads_dir(args)
+    if directory is not None:
+        from specserve.drafter.medusa import load_medusa
+
+        heads, _ = load_medusa(directory, DTYPES[args.dtype])
+    serve_model(args, "target", functools.partial(TargetServicer, heads=heads),
+                target_pb2_grpc.add_TargetServiceServicer_to_server, target_pb2.DESCRIPTOR.services_by_name["TargetService"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ import time
 from specserve.core.distributions import to_dense
 from specserve.core.errors import InvalidArgument
 from specserve.core.tree import split_tree
+from specserve.runtime.medusa_step import medusa_options_from_proto
 from specserve.runtime.workers import TargetWorker
 from specserve.serving import hidden_states
 from specserve.serving.model_host import SessionServicer, sampling_from_proto
@@ -16,13 +17,31 @@ from specserve.v1 import target_pb2, target_pb2_grpc
 class TargetServicer(SessionServicer, target_pb2_grpc.TargetServiceServicer):
     worker_class = TargetWorker
 
+    def __init__(self, host, heads=None):
+        super().__init__(host)
+        self.heads = heads  # Medusa heads hosted beside the model (MedusaHeads), or None
+
+    def new_worker(self):
+        if self.heads is None:
+            return TargetWorker(self.host.loaded)
+        from specserve.runtime.medusa_step import MedusaTargetWorker
+
+        return MedusaTargetWorker(self.host.loaded, self.heads)
+
+    async def GetInfo(self, request, context):
+        info = self.host.info()
+        info.medusa_num_heads = 0 if self.heads is None else self.heads.num_heads
+        return info
+
     async def _handle(self, worker: TargetWorker, request: target_pb2.TargetRequest) -> target_pb2.TargetResponse:
         began = time.perf_counter()
         op = request.WhichOneof("op")
         if op == "start":
             start = request.start
-            token = await self.host.run(worker.start, list(start.prompt_token_ids), sampling_from_proto(start.sampling),
-                                        start.seed, start.return_hidden_states)
+            args = [list(start.prompt_token_ids), sampling_from_proto(start.sampling), start.seed, start.return_hidden_states]
+            if start.HasField("medusa"):
+                args.append(medusa_options_from_proto(start.medusa, self.heads, "start.medusa"))
+            token = await self.host.run(worker.start, *args)
             tokens, accepted = [token], 0
         elif op == "verify" and request.verify.parents:
             verify = request.verify
@@ -48,4 +67,8 @@ class TargetServicer(SessionServicer, target_pb2_grpc.TargetServiceServicer):
         )
         if worker.return_hidden_states:
             response.hidden_states.CopyFrom(hidden_states.to_proto(worker.last_hidden_states))  # [n, H]
+        candidates = getattr(worker, "last_candidates", None) if getattr(worker, "medusa", None) else None
+        if candidates is not None:
+            response.medusa_candidates.token_ids.extend(candidates.tokens)
+            response.medusa_candidates.parents.extend(candidates.parents or [])
         return response

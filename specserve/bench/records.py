@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 # distributed_adaptive: the served stack with the cost-blind adaptive K instead of the
 # cost-aware controller (a second orchestrator on the same services), for a side-by-side comparison.
 MODES = ("distributed", "distributed_adaptive", "in_process", "hf")
-METHODS = ("autoregressive", "prompt_lookup", "draft_model")
+METHODS = ("autoregressive", "prompt_lookup", "draft_model", "medusa")
 BASELINE_METHOD = "autoregressive"
 
 

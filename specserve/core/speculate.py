@@ -129,12 +129,18 @@ async def decode(target: TargetSession, proposer: Proposer | None, request: Deco
     prompt = list(request.prompt)
     budget = min(request.sampling.max_new_tokens, request.max_context_tokens - len(prompt))
     wants_hidden = getattr(proposer, "needs_target_hidden_states", False)
-    starts = [target.start(prompt, request.sampling, request.seed, return_hidden_states=wants_hidden)]
+    # A proposer the target runs itself (Medusa heads): the target's start gets its options,
+    # and every target response carries the next candidates (`last_candidates`).
+    colocated = getattr(proposer, "target_options", None)
+    extra = {} if colocated is None else {"medusa": colocated}
+    starts = [target.start(prompt, request.sampling, request.seed, return_hidden_states=wants_hidden, **extra)]
     if proposer is not None:
         starts.append(proposer.start(prompt, request.sampling, request.seed + 1))
     first, *_ = await asyncio.gather(*starts)
     if wants_hidden:
         proposer.observe_target_hidden_states(target.last_hidden_states)
+    if colocated is not None:
+        proposer.observe_target_candidates(target.last_candidates)
     stats.target_forward_passes += 1
     sequence = prompt + [first]  # the last token is pending: generated, not yet in the target's cache
     chunk, finish = _cut([first], request.eos_token_ids, budget)
@@ -163,6 +169,8 @@ async def decode(target: TargetSession, proposer: Proposer | None, request: Deco
                                       parents=proposal.parents or None)
         if wants_hidden:
             proposer.observe_target_hidden_states(target.last_hidden_states)
+        if colocated is not None:
+            proposer.observe_target_candidates(target.last_candidates)
         if stats.steps is not None:
             wall_ms = (time.perf_counter() - step_began) * 1e3
             stats.steps.append(StepRecord(wall_ms, draft_ms + target.last_compute_ms, len(proposal.tokens), verdict.accepted))

@@ -11,7 +11,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "max_context_tokens", "eos_token_ids", "dtype", "active_sessions", "max_sessions", "needs_target_hidden_states", "cost_profile")
+    __slots__ = ("model", "vocab_size", "max_context_tokens", "eos_token_ids", "dtype", "active_sessions", "max_sessions", "needs_target_hidden_states", "medusa_num_heads", "cost_profile")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class ModelInfo(_message.Message):
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     NEEDS_TARGET_HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    MEDUSA_NUM_HEADS_FIELD_NUMBER: _ClassVar[int]
     COST_PROFILE_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
@@ -29,8 +30,9 @@ class ModelInfo(_message.Message):
     active_sessions: int
     max_sessions: int
     needs_target_hidden_states: bool
+    medusa_num_heads: int
     cost_profile: CostProfile
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., needs_target_hidden_states: _Optional[bool] = ..., cost_profile: _Optional[_Union[CostProfile, _Mapping]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., needs_target_hidden_states: _Optional[bool] = ..., medusa_num_heads: _Optional[int] = ..., cost_profile: _Optional[_Union[CostProfile, _Mapping]] = ...) -> None: ...
 
 class CostProfile(_message.Message):
     __slots__ = ("verify_chain", "verify_tree", "draft_step", "draft_tree_level", "cpu", "cpu_flags", "threads", "memory_gb_s", "matmul_gflop_s", "measured_ms", "from_cache")

@@ -43,16 +43,18 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class SpeculationParams(_message.Message):
-    __slots__ = ("method", "num_speculative_tokens", "fixed_length", "tree_nodes")
+    __slots__ = ("method", "num_speculative_tokens", "fixed_length", "tree_nodes", "medusa")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FIXED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     TREE_NODES_FIELD_NUMBER: _ClassVar[int]
+    MEDUSA_FIELD_NUMBER: _ClassVar[int]
     method: Method
     num_speculative_tokens: int
     fixed_length: bool
     tree_nodes: int
-    def __init__(self, method: _Optional[_Union[Method, str]] = ..., num_speculative_tokens: _Optional[int] = ..., fixed_length: _Optional[bool] = ..., tree_nodes: _Optional[int] = ...) -> None: ...
+    medusa: _common_pb2.MedusaParams
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., num_speculative_tokens: _Optional[int] = ..., fixed_length: _Optional[bool] = ..., tree_nodes: _Optional[int] = ..., medusa: _Optional[_Union[_common_pb2.MedusaParams, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "messages", "sampling", "speculation", "include_step_timings")
@@ -81,7 +83,7 @@ class StepTiming(_message.Message):
     def __init__(self, wall_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "target_forward_passes", "proposed_tokens", "accepted_tokens", "wall_time_ms", "mean_accepted_length", "time_to_first_token_ms", "method", "draft_forward_passes", "step_timings", "failovers")
+    __slots__ = ("prompt_tokens", "generated_tokens", "target_forward_passes", "proposed_tokens", "accepted_tokens", "wall_time_ms", "mean_accepted_length", "time_to_first_token_ms", "method", "draft_forward_passes", "step_timings", "failovers", "lossy")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +96,7 @@ class GenerationStats(_message.Message):
     DRAFT_FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     STEP_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    LOSSY_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     target_forward_passes: int
@@ -106,16 +109,23 @@ class GenerationStats(_message.Message):
     draft_forward_passes: int
     step_timings: _containers.RepeatedCompositeFieldContainer[StepTiming]
     failovers: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., target_forward_passes: _Optional[int] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., wall_time_ms: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ..., draft_forward_passes: _Optional[int] = ..., step_timings: _Optional[_Iterable[_Union[StepTiming, _Mapping]]] = ..., failovers: _Optional[int] = ...) -> None: ...
+    lossy: bool
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., target_forward_passes: _Optional[int] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., wall_time_ms: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ..., draft_forward_passes: _Optional[int] = ..., step_timings: _Optional[_Iterable[_Union[StepTiming, _Mapping]]] = ..., failovers: _Optional[int] = ..., lossy: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token_ids", "text", "finish_reason", "stats")
+    __slots__ = ("token_ids", "text", "finish_reason", "stats", "accepted_tokens", "accepted_text_length", "proposed_tokens")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finish_reason: FinishReason
     stats: GenerationStats
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ...) -> None: ...
+    accepted_tokens: int
+    accepted_text_length: int
+    proposed_tokens: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ..., accepted_tokens: _Optional[int] = ..., accepted_text_length: _Optional[int] = ..., proposed_tokens: _Optional[int] = ...) -> None: ...

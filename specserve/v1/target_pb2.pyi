@@ -9,16 +9,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TargetStart(_message.Message):
-    __slots__ = ("prompt_token_ids", "sampling", "seed", "return_hidden_states")
+    __slots__ = ("prompt_token_ids", "sampling", "seed", "return_hidden_states", "medusa")
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     RETURN_HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    MEDUSA_FIELD_NUMBER: _ClassVar[int]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     seed: int
     return_hidden_states: bool
-    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., return_hidden_states: _Optional[bool] = ...) -> None: ...
+    medusa: _common_pb2.MedusaParams
+    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., return_hidden_states: _Optional[bool] = ..., medusa: _Optional[_Union[_common_pb2.MedusaParams, _Mapping]] = ...) -> None: ...
 
 class TargetVerify(_message.Message):
     __slots__ = ("committed_len", "token_ids", "draft_probs", "parents")
@@ -43,17 +45,27 @@ class TargetRequest(_message.Message):
     def __init__(self, op_id: _Optional[int] = ..., start: _Optional[_Union[TargetStart, _Mapping]] = ..., verify: _Optional[_Union[TargetVerify, _Mapping]] = ...) -> None: ...
 
 class TargetResponse(_message.Message):
-    __slots__ = ("op_id", "token_ids", "accepted", "committed_len", "compute_ms", "hidden_states")
+    __slots__ = ("op_id", "token_ids", "accepted", "committed_len", "compute_ms", "hidden_states", "medusa_candidates")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    MEDUSA_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     op_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     accepted: int
     committed_len: int
     compute_ms: float
     hidden_states: _common_pb2.HiddenStates
-    def __init__(self, op_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., committed_len: _Optional[int] = ..., compute_ms: _Optional[float] = ..., hidden_states: _Optional[_Union[_common_pb2.HiddenStates, _Mapping]] = ...) -> None: ...
+    medusa_candidates: MedusaCandidates
+    def __init__(self, op_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., committed_len: _Optional[int] = ..., compute_ms: _Optional[float] = ..., hidden_states: _Optional[_Union[_common_pb2.HiddenStates, _Mapping]] = ..., medusa_candidates: _Optional[_Union[MedusaCandidates, _Mapping]] = ...) -> None: ...
+
+class MedusaCandidates(_message.Message):
+    __slots__ = ("token_ids", "parents")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    parents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...

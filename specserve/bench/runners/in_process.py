@@ -42,6 +42,12 @@ class InProcessRunner:
         self.target_costs = target_profile.costs if target_profile else None
         self.draft_costs = draft_profile.costs if draft_profile else None
 
+    def skip_reason(self, method: str) -> str | None:
+        """Why this runner cannot run `method`, or None."""
+        if method == "medusa":
+            return "MEDUSA runs through the served stack only (heads co-located with the target service)"
+        return None
+
     def run(self, prompt: BenchPrompt, method: str, max_new_tokens: int, step_timings: bool = False) -> RunRecord:
         began = time.perf_counter()
         prompt_ids = tokenize(build_request(messages=prompt.messages()), self.tokenizer)
