@@ -225,15 +225,20 @@ class FailoverDraftProposer:
         if self.inner is not None:
             self.inner.observe_target_hidden_states(hidden)
 
-    async def propose(self, sequence: list[int], k: int) -> Proposal:
+    @property
+    def drafts_trees(self) -> bool:
+        """The replica's session drafts trees (and takes a node budget per step)."""
+        return bool(getattr(self.inner, "drafts_trees", False))
+
+    async def propose(self, sequence: list[int], k: int, nodes: int | None = None) -> Proposal:
         if self.inner is None:
             loop = asyncio.get_running_loop()
             if loop.time() < self._next_try or not await self._open():
                 return Proposal([])
             self.failovers += 1
         try:
-            proposal = await race_failure(asyncio.wait_for(self.inner.propose(sequence, k), self.policy.op_timeout_s),
-                                          self.replica)
+            proposing = self.inner.propose(sequence, k) if nodes is None else self.inner.propose(sequence, k, nodes=nodes)
+            proposal = await race_failure(asyncio.wait_for(proposing, self.policy.op_timeout_s), self.replica)
         except (UpstreamError, ReplicaFailed, asyncio.TimeoutError) as error:
             if not (isinstance(error, asyncio.TimeoutError) or _movable(error)):
                 raise

@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from orchestrator import requests
+from orchestrator.costs import round_trip_ms
 from orchestrator.metered import MeteredOrchestratorServicer
 from orchestrator.ngram_pool import NgramPool
 from orchestrator.replicas import AdmissionQueue, ReplicaSet
@@ -53,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serve Prometheus metrics over HTTP on this port, 0 = off [env SPECSERVE_METRICS_PORT]")
     parser.add_argument("--tree-branch", type=int, default=env_default("SPECSERVE_TREE_BRANCH", TreeShape.branch),
                         help="children drafted per expanded node [env SPECSERVE_TREE_BRANCH]")
+    parser.add_argument("--speculation-control", default=env_default("SPECSERVE_SPECULATION_CONTROL", "cost"),
+                        choices=["cost", "adaptive"],
+                        help="cost: choose K / tree size per step from the services' measured cost profiles and the "
+                             "acceptance seen; adaptive: the cost-blind adaptive K [env SPECSERVE_SPECULATION_CONTROL]")
     parser.add_argument("--max-queued", type=int, default=env_default("SPECSERVE_MAX_QUEUED", 256),
                         help="requests that may wait for a target session while every replica is full; more get "
                              "RESOURCE_EXHAUSTED [env SPECSERVE_MAX_QUEUED]")
@@ -76,6 +81,7 @@ def run(args: argparse.Namespace) -> None:
             tree_nodes=args.tree_nodes,
             tree_width=args.tree_width,
             tree_branch=args.tree_branch,
+            speculation_control=args.speculation_control,
         )
     except ValueError as error:
         raise SystemExit(f"orchestrator: {error} (--tree-nodes, --tree-width, --tree-branch)") from None
@@ -109,9 +115,11 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
     async def wait_ready() -> None:
         # SERVING only once a target replica answers (and a draft replica, when configured).
         info = await upstreams.target.wait_healthy()
+        upstreams.target_round_trip_ms = await round_trip_ms(upstreams.target.healthy()[0].stub.GetInfo)
         if upstreams.draft is not None:
             # Whether the draft needs the target's hidden states decides the proposer.
             await upstreams.draft.wait_healthy()
+            upstreams.draft_round_trip_ms = await round_trip_ms(upstreams.draft.healthy()[0].stub.GetInfo)
         if redis_client is not None:
             servicer.pool = NgramPool(redis_client, namespace=info.model, on_lookup=metrics.pool_lookup if metrics else None)
 

@@ -33,6 +33,9 @@ class Limits:
     tree_nodes: int = TreeShape.nodes
     tree_width: int = TreeShape.width
     tree_branch: int = TreeShape.branch
+    # "cost": the cost-aware controller (core.controller) when the target reports a cost
+    # profile; "adaptive": the cost-blind adaptive K it replaced (for comparisons).
+    speculation_control: str = "cost"
 
     def __post_init__(self) -> None:
         for name, low in (("tree_nodes", 0), ("tree_width", 1), ("tree_branch", 1)):

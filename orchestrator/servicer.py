@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import grpc
 
 from orchestrator import requests
+from orchestrator.costs import costs_of
 from orchestrator.failover import FailoverDraftProposer, FailoverTargetSession, SessionPolicy
 from orchestrator.ngram_pool import NgramPool
 from orchestrator.replicas import AdmissionQueue, ReplicaSet
 from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer
-from specserve.core.adaptive import SpeculationLength
+from specserve.core.controller import speculation_policy
 from specserve.core.errors import Unavailable
 from specserve.core.medusa_proposer import ColocatedMedusaProposer
 from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
@@ -35,6 +36,9 @@ class Upstreams:
 
     target: ReplicaSet
     draft: ReplicaSet | None
+    # One op's round trip to each service, measured at start-up, for speculation control.
+    target_round_trip_ms: float = 0.0
+    draft_round_trip_ms: float = 0.0
 
     @property
     def target_info(self) -> model_service_pb2.ModelInfo | None:  # None until a target replica answers
@@ -69,7 +73,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             policy = SessionPolicy(None if remaining_s is None else loop.time() + remaining_s, self.op_timeout_s)
             target = FailoverTargetSession(self.upstreams.target, self.admission, policy)
             proposer = self._proposer(job, policy)
-            speculation = SpeculationLength(job.k, k_max=self.limits.max_speculative_tokens, fixed=job.fixed_length) if job.k else None
+            speculation = self._speculation(job) if job.k else None
             decoding = DecodeRequest(
                 prompt=job.prompt_ids,
                 sampling=job.sampling,
@@ -139,6 +143,16 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                     close_draft()
                 if self.pool is not None and generated:
                     self._in_background(self.pool.add(job.prompt_ids + generated))
+
+    def _speculation(self, job: requests.Job):
+        up = self.upstreams
+        remote_draft = job.method == pb.DRAFT_MODEL
+        trees = remote_draft and job.sampling.greedy and up.draft_info.needs_target_hidden_states and job.tree_nodes > 0
+        return speculation_policy(
+            costs_of(up.target_info) if self.limits.speculation_control == "cost" else None,
+            costs_of(up.draft_info) if remote_draft else None, k=job.k, k_max=self.limits.max_speculative_tokens,
+            fixed=job.fixed_length, tree_nodes=job.tree_nodes if trees else 0, tree_width=self.limits.tree_width,
+            step_overhead_ms=up.target_round_trip_ms, draft_overhead_ms=up.draft_round_trip_ms if remote_draft else 0.0)
 
     def _proposer(self, job: requests.Job, policy: SessionPolicy):
         if job.method == pb.MEDUSA:

@@ -167,13 +167,14 @@ class RemoteFeatureDraftProposer(RemoteDraftProposer):
             raise RuntimeError("the target service returned no hidden states for a feature draft")
         self.pending.append(hidden)
 
-    async def propose(self, sequence: list[int], k: int) -> Proposal:
+    async def propose(self, sequence: list[int], k: int, nodes: int | None = None) -> Proposal:
         committed, append = self.tracker.diff(sequence)
         joined = hidden_states.concat(self.pending)  # [len(append), H]
         self.pending = []
         propose = draft_pb2.DraftPropose(committed_len=committed, token_ids=append, num_tokens=k, hidden_states=joined)
         if self.drafts_trees:
-            propose.tree.CopyFrom(draft_pb2.TreeShape(depth=k, width=self.tree.width, branch=self.tree.branch, nodes=self.tree.nodes))
+            propose.tree.CopyFrom(draft_pb2.TreeShape(depth=k, width=self.tree.width, branch=self.tree.branch,
+                                                   nodes=nodes or self.tree.nodes))
         proposal = await self._propose(propose)
         self.tracker.record(sequence, [])  # proposals are not kept
         return proposal

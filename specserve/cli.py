@@ -60,7 +60,8 @@ def _stack_flags(parser: argparse.ArgumentParser, port: int) -> None:
     from specserve.runtime.models import DEFAULT_MODEL, default_draft_model
 
     parser.add_argument("--port", type=int, default=port, help="the orchestrator's port")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="weights' dtype; auto: the one whose measured cost profile serves best on this machine")
     parser.add_argument("--target-model", default=DEFAULT_MODEL)
     parser.add_argument("--draft-model", default=default_draft_model(), help="'' for no draft service")
     parser.add_argument("--redis", default="auto", help="'auto' (start redis-server if installed), 'off', or a redis:// URL")
@@ -208,6 +209,7 @@ def _add_optional_commands(sub) -> None:
     """Commands that live in their own packages: bench and the draft trainers."""
     for name, module, help_text in [
         ("bench", "specserve.bench.cli", "benchmark every method side by side"),
+        ("profile", "specserve.bench.profile_report", "measure (or show the cached) cost of a forward pass here"),
         ("train-draft", "specserve.drafter.train_features", "distill a feature draft (the default draft) from the target"),
         ("train-token-draft", "specserve.drafter.train", "distill a small token-level draft model from the target"),
         ("train-medusa", "specserve.drafter.train_medusa", "train Medusa-1 heads on the frozen target"),

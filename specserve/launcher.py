@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -43,6 +44,22 @@ def wait_serving(address: str, timeout_s: float, process: subprocess.Popen | Non
             time.sleep(0.2)
 
 
+def _resolve_dtype(config: "StackConfig") -> str:
+    """The best torch dtype here, measured with the services' thread count (profiles are
+    cached per thread count, so the services then find theirs): the target's, or the
+    draft's when the target runs on llama.cpp (which computes in the GGUF's own types)."""
+    import torch
+
+    from specserve.dtype_choice import resolve_dtype
+    from specserve.loading import resolve_engine
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if resolve_engine(config.engine, config.target_model) == "torch":
+        return resolve_dtype("auto", config.target_model, "target")
+    return resolve_dtype("auto", config.draft_model, "draft") if config.draft_model else "float32"
+
+
 def wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
     """Blocks until GET url answers 200 (the gateway's /health: its orchestrator serves)."""
     import urllib.error
@@ -66,7 +83,7 @@ class StackConfig:
     target_model: str = "smollm2"
     draft_model: str | None = None  # None: no draft service
     tokenizer: str | None = None  # None: the target model's
-    dtype: str = "float32"
+    dtype: str = "auto"  # "auto": measured per machine (specserve.dtype_choice), resolved once for every service
     port: int = 50051  # the orchestrator's; 0 picks a free one
     redis: str = "auto"  # "auto": start redis-server if installed; "off"; or a redis:// URL
     default_method: str = "prompt_lookup"
@@ -139,6 +156,8 @@ class Stack:
         py = sys.executable
         for spec in {c.target_model, c.tokenizer or c.target_model}:
             check_available(spec)  # a missing model package is named here, not in a service's log
+        if c.dtype == "auto":
+            self.config = c = dataclasses.replace(c, dtype=_resolve_dtype(c))
         self.redis_url = self._start_redis()
         services = []  # (log name, address, process)
         for role, model, count, addresses in (("target", c.target_model, c.target_replicas, self.target_addresses),
@@ -154,14 +173,7 @@ class Stack:
                 services.append((name, address, process))
         port = c.port or free_port()
         self.address = f"127.0.0.1:{port}"
-        orchestrator = self._spawn("orchestrator", [
-            py, "-m", "orchestrator", "--port", str(port), "--target", ",".join(self.target_addresses),
-            "--draft", ",".join(self.draft_addresses), "--tokenizer", c.tokenizer or c.target_model, "--redis-url", self.redis_url,
-            "--default-method", c.default_method, "--tree-nodes", str(c.tree_nodes), "--tree-width", str(c.tree_width),
-            "--tree-branch", str(c.tree_branch),
-            *(["--auth-token-file", str(c.auth_token_file)] if c.auth_token_file else []),
-            *self._metrics_flags("orchestrator"),
-        ])
+        orchestrator = self._spawn("orchestrator", self._orchestrator_argv(port, self._metrics_flags("orchestrator")))
         for name, address, process in services:
             self._wait(name, address, 600, process)
         self._wait("orchestrator", self.address, 120, orchestrator)
@@ -178,6 +190,24 @@ class Stack:
         port = free_port()
         self.metrics_addresses[name] = f"127.0.0.1:{port}"
         return ["--metrics-port", str(port)]
+
+    def _orchestrator_argv(self, port: int, extra_args: list[str] = ()) -> list[str]:
+        c = self.config
+        return [
+            sys.executable, "-m", "orchestrator", "--port", str(port), "--target", ",".join(self.target_addresses),
+            "--draft", ",".join(self.draft_addresses), "--tokenizer", c.tokenizer or c.target_model, "--redis-url", self.redis_url,
+            "--default-method", c.default_method, "--tree-nodes", str(c.tree_nodes), "--tree-width", str(c.tree_width),
+            "--tree-branch", str(c.tree_branch),
+            *(["--auth-token-file", str(c.auth_token_file)] if c.auth_token_file else []), *extra_args,
+        ]
+
+    def add_orchestrator(self, name: str, extra_args: list[str]) -> str:
+        """Another orchestrator on the same target and draft services (e.g. with other flags,
+        to compare them side by side); returns its address."""
+        port = free_port()
+        process = self._spawn(name, self._orchestrator_argv(port, extra_args))
+        self._wait(name, f"127.0.0.1:{port}", 120, process)
+        return f"127.0.0.1:{port}"
 
     @property
     def target_address(self) -> str:

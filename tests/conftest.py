@@ -91,6 +91,7 @@ def tiny_stack(tiny_target_dir, tiny_draft_dir, redis_url, tmp_path_factory):
         target_model=str(tiny_target_dir), draft_model=str(tiny_draft_dir), dtype="float32", port=0,
         redis=redis_url, default_method="prompt_lookup", threads=1,
         log_dir=tmp_path_factory.mktemp("tiny-stack-logs"),
+        extra_env={"SPECSERVE_CACHE": str(tmp_path_factory.mktemp("tiny-stack-cache"))},  # cost profiles of tmp models
     )
     with Stack(config) as stack:
         yield stack
@@ -145,6 +146,7 @@ def feature_stack(tiny_target_dir, feature_draft_dir, tmp_path_factory):
     config = StackConfig(
         target_model=str(tiny_target_dir), draft_model=str(feature_draft_dir), dtype="float32", port=0,
         redis="off", default_method="draft_model", threads=1, log_dir=tmp_path_factory.mktemp("feature-stack-logs"),
+        extra_env={"SPECSERVE_CACHE": str(tmp_path_factory.mktemp("feature-stack-cache"))},  # cost profiles of tmp models
     )
     with Stack(config) as stack:
         yield stack

@@ -74,6 +74,15 @@ def test_summary_speedups_tau_and_exact_match():
     assert rows[("autoregressive", "cat")]["speedup"] == pytest.approx(1.0)
 
 
+def test_speedup_is_a_ratio_of_tokens_per_second_not_of_wall_times():
+    # An output that ends earlier (bf16 can flip a near-tie into EOS) takes less time
+    # without being faster: 2 tokens in 3 s against 6 tokens in 9 s is no speedup.
+    records = [RunRecord("distributed", "autoregressive", "p", "cat", [1] * 6, 9.0, 6),
+               RunRecord("distributed", "prompt_lookup", "p", "cat", [1] * 2, 3.0, 2, 1, 0)]
+    rows = {(r["method"], r["category"]): r for r in summarize(records)}
+    assert rows[("prompt_lookup", "all")]["speedup"] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("accept", [0.0, 0.5, 0.8, 1.0])
 def test_simulated_draft_is_accepted_at_its_rate(accept):
     assert empirical_acceptance(accept, trials=4000) == pytest.approx(accept, abs=0.03)

@@ -37,6 +37,7 @@ def replicated_stack(tiny_target_dir, tiny_draft_dir, tmp_path_factory):
         target_model=str(tiny_target_dir), draft_model=str(tiny_draft_dir), dtype="float32", port=0, redis="off",
         default_method="draft_model", threads=1, target_replicas=2, draft_replicas=2,
         log_dir=tmp_path_factory.mktemp("replicated-stack-logs"),
+        extra_env={"SPECSERVE_CACHE": str(tmp_path_factory.mktemp("replicated-stack-cache"))},  # cost profiles of tmp models
     )
     with Stack(config) as stack:
         yield stack

@@ -16,7 +16,7 @@ from specserve.core.errors import InvalidArgument
 from specserve.core.medusa_proposer import ColocatedMedusaProposer
 from specserve.core.medusa_tree import (DEFAULT_MEDUSA_CHOICES, accept_typical_tree, build_medusa_tree, default_choices,
                                         typical_threshold)
-from specserve.core.sampling import SamplingConfig, warp
+from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DecodeRequest, decode
 from specserve.core.tree import DraftTree, ancestor_mask
 from specserve.drafter.medusa import MedusaHeads, is_medusa_checkpoint, load_medusa, save_medusa

@@ -2,7 +2,8 @@
 
 Definitions (per mode, method and category, plus an "all" category):
 - tokens_per_s: median over prompts of generated tokens / wall time;
-- speedup: per prompt, wall time of the same mode's AUTOREGRESSIVE run / this run's;
+- speedup: per prompt, this run's tokens per second / the same mode's AUTOREGRESSIVE run's
+  (a ratio of rates: outputs that end at different lengths, as in bf16, compare fairly);
   `speedup` is the median of those ratios, `speedup_geomean` their geometric mean;
 - vs_llama_cpp: median over prompts of this run's tokens/s / llama.cpp's own plain
   decoding's on the same prompt (the "llama_cpp" peer mode), when it ran;
@@ -69,7 +70,7 @@ def reference_outputs(records: list[RunRecord]) -> dict[str, list[int]]:
 def summarize(records: list[RunRecord]) -> list[dict]:
     """Rows per (mode, method, category) and per (mode, method, "all"), in a stable order."""
     references = reference_outputs(records)
-    baseline_wall = {(r.mode, r.prompt_id): r.wall_s for r in records if r.method == BASELINE_METHOD}
+    baseline_rate = {(r.mode, r.prompt_id): r.tokens_per_s for r in records if r.method == BASELINE_METHOD}
     peer_rate = {r.prompt_id: r.tokens_per_s for r in records if (r.mode, r.method) == PEER}
     groups: dict[tuple[str, str, str], list[RunRecord]] = defaultdict(list)
     for record in records:
@@ -80,17 +81,17 @@ def summarize(records: list[RunRecord]) -> list[dict]:
     for (mode, method, category), group in sorted(
         groups.items(), key=lambda item: (order.get(item[0][0], 99), order.get(item[0][1], 99), item[0][2] != ALL, item[0][2])
     ):
-        rows.append(summarize_group(mode, method, category, group, baseline_wall, references, peer_rate))
+        rows.append(summarize_group(mode, method, category, group, baseline_rate, references, peer_rate))
     return rows
 
 
 def summarize_group(mode: str, method: str, category: str, group: list[RunRecord],
-                    baseline_wall: dict[tuple[str, str], float], references: dict[str, list[int]],
+                    baseline_rate: dict[tuple[str, str], float], references: dict[str, list[int]],
                     peer_rate: dict[str, float] | None = None) -> dict:
     peer_rate = peer_rate or {}
     # Tokens per second over the peer's on the same prompt (outputs may differ in length).
     vs_peer = [r.tokens_per_s / peer_rate[r.prompt_id] for r in group if peer_rate.get(r.prompt_id)]
-    speedups = [baseline_wall[(r.mode, r.prompt_id)] / r.wall_s for r in group if (r.mode, r.prompt_id) in baseline_wall and r.wall_s > 0]
+    speedups = [r.tokens_per_s / baseline_rate[(r.mode, r.prompt_id)] for r in group if baseline_rate.get((r.mode, r.prompt_id))]
     generated = sum(r.generated_tokens for r in group)
     steps = [r.decode_steps for r in group]
     proposed = [r.proposed for r in group]
@@ -114,7 +115,7 @@ def summarize_group(mode: str, method: str, category: str, group: list[RunRecord
 def distribution_cost(records: list[RunRecord]) -> list[dict]:
     """Per method: distributed vs in-process throughput on the same prompts.
 
-    `throughput_ratio` is the median over prompts of in-process wall / distributed wall
+    `throughput_ratio` is the median over prompts of distributed tokens/s / in-process tokens/s
     (1.0: gRPC costs nothing; 0.8: the distributed run is 20% slower).
     """
     walls: dict[tuple[str, str], dict[str, RunRecord]] = defaultdict(dict)
@@ -131,7 +132,7 @@ def distribution_cost(records: list[RunRecord]) -> list[dict]:
             "n": len(pairs),
             "distributed_tokens_per_s": median(d.tokens_per_s for d, _ in pairs),
             "in_process_tokens_per_s": median(i.tokens_per_s for _, i in pairs),
-            "throughput_ratio": median(i.wall_s / d.wall_s for d, i in pairs if d.wall_s > 0),
+            "throughput_ratio": median(d.tokens_per_s / i.tokens_per_s for d, i in pairs if i.tokens_per_s > 0),
             "extra_ms_per_token": median((d.wall_s - i.wall_s) * 1e3 / max(d.generated_tokens, 1) for d, i in pairs),
             "same_output_rate": sum(d.token_ids == i.token_ids for d, i in pairs) / len(pairs),
         })

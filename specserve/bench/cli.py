@@ -41,10 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated; autoregressive is always run")
     parser.add_argument("--modes", default=",".join(MODES),
-                        help="comma-separated subset of distributed,in_process,hf,llama_cpp (llama.cpp's own decoding: the peer)")
+                        help="comma-separated subset of distributed,distributed_adaptive,in_process,hf,llama_cpp "
+                             "(llama.cpp's own decoding: the peer)")
     parser.add_argument("--engine", choices=["auto", "torch", "llama.cpp"], default="auto",
                         help="the engine of the stack's and the in-process target (auto: llama.cpp for a GGUF model on the CPU)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="auto: the dtype whose measured cost profile serves best here (reported in meta.json)")
     parser.add_argument("--target-model", default=DEFAULT_MODEL)
     parser.add_argument("--draft-model", default=None, help="default: the shipped draft (specserve.runtime.models.default_draft_model())")
     parser.add_argument("--redis", default="off", help="the stack's Redis ('off' keeps prompt lookup identical to in-process)")
@@ -80,7 +82,11 @@ def run(args: argparse.Namespace) -> int:
     if "draft_model" in methods and draft_model is None:
         methods.remove("draft_model")
         notes.append("draft_model skipped: no draft model (none shipped yet; pass --draft-model)")
+    with _threads(args.threads):
+        # Resolved here, with the services' thread count, so every mode runs the same dtype.
+        dtype_requested, args.dtype, dtype_rates = _resolve_dtype(args)
     meta = _meta(args, prompts, methods, draft_model)
+    meta["dtype_requested"], meta["dtype_rates"] = dtype_requested, dtype_rates
     report.write_json(out / "meta.json", meta)
     notes.append(f"{len(prompts)} prompts in {len({p.category for p in prompts})} categories, max_new_tokens "
                  f"{args.max_new_tokens}, dtype {args.dtype}, greedy; machine: {meta['machine']}")
@@ -90,11 +96,11 @@ def run(args: argparse.Namespace) -> int:
         _write_results(out, state, notes, args)
 
     with contextlib.ExitStack() as resources:
-        if args.threads:
-            from specserve.bench.overhead import torch_threads
-
-            resources.enter_context(torch_threads(args.threads))
+        resources.enter_context(_threads(args.threads))
         address = _main_phase(args, prompts, methods, _csv(args.modes), draft_model, out, notes, state, resources, save)
+        meta["cost_profiles"] = _profiles_used(args, draft_model if "draft_model" in methods else None)
+        report.write_json(out / "meta.json", meta)
+        notes.append(_profile_note(meta))
         levels = [int(c) for c in _csv(args.concurrency)]
         if address and levels:
             from specserve.bench.concurrency import measure_concurrency
@@ -132,16 +138,22 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
         return ""
     address = ""
     runners = []
-    if "distributed" in modes:
+    if "distributed" in modes or "distributed_adaptive" in modes:
         stack = resources.enter_context(Stack(StackConfig(
             target_model=args.target_model, draft_model=draft_model if "draft_model" in methods else None, dtype=args.dtype,
             port=0, redis=args.redis, default_method="autoregressive", threads=args.threads, engine=args.engine,
             log_dir=out / "logs",
             tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch)))
         address = stack.address
-        runner = DistributedRunner(address)
-        resources.callback(runner.close)
-        runners.append(runner)
+        if "distributed" in modes:
+            runner = DistributedRunner(address)
+            resources.callback(runner.close)
+            runners.append(runner)
+        if "distributed_adaptive" in modes:
+            adaptive = DistributedRunner(stack.add_orchestrator("orchestrator-adaptive", ["--speculation-control", "adaptive"]),
+                                         mode="distributed_adaptive")
+            resources.callback(adaptive.close)
+            runners.append(adaptive)
     if "in_process" in modes or "hf" in modes:
         from specserve.bench.runners.hf import HfRunner
         from specserve.bench.runners.in_process import InProcessRunner
@@ -196,6 +208,51 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
     return address
 
 
+def _threads(threads: int):
+    if not threads:
+        return contextlib.nullcontext()
+    from specserve.bench.overhead import torch_threads
+
+    return torch_threads(threads)
+
+
+def _resolve_dtype(args) -> tuple[str, str, dict[str, float]]:
+    """(requested, chosen, each candidate's expected tokens/ms when measured)."""
+    if args.dtype != "auto":
+        return args.dtype, args.dtype, {}
+    from specserve.dtype_choice import choose_dtype
+
+    chosen, rates = choose_dtype(args.target_model, "target")
+    return "auto", chosen, rates
+
+
+def _profiles_used(args, draft_model: str | None) -> dict:
+    """The cost profiles the services use (read from the cache they wrote, same thread count)."""
+    from specserve.loading import load_model
+    from specserve.runtime.profile import profile_for, profile_to_json
+
+    profiles = {}
+    with _threads(args.threads):
+        for role, model in (("target", args.target_model), ("draft", draft_model)):
+            measured = profile_for(load_model(model, args.dtype), role) if model else None
+            if measured is not None:
+                profiles[role] = {**profile_to_json(measured), "from_cache": measured.from_cache}
+    return profiles
+
+
+def _profile_note(meta: dict) -> str:
+    target = meta.get("cost_profiles", {}).get("target")
+    if not target:
+        return "no cost profile (simulated models)"
+    ms = {(p["context_tokens"], p["new_tokens"]): p["ms"] for p in target["verify_chain"]}
+    context = min(c for c, _ in ms)
+    shape = ", ".join(f"k={k} {ms[(context, k)]:.1f}" for k in (1, 4, 16, 64) if (context, k) in ms)
+    rates = ", ".join(f"{d} {r * 1e3:.1f}" for d, r in meta.get("dtype_rates", {}).items())
+    return (f"dtype {meta['dtype']} (requested {meta['dtype_requested']}{'; expected tok/s ' + rates if rates else ''}); "
+            f"CPU flags {' '.join(target['machine']['flags'])}; target verify ms at context {context}: {shape}; "
+            f"memory {target['memory_gb_s']:.1f} GB/s, matmul {target['matmul_gflop_s']:.0f} GFLOP/s")
+
+
 def _warm_up(runners, methods, prompt, notes) -> list:
     """Runs every (runner, method) once, unrecorded; returns the pairs that work."""
     jobs = []
@@ -230,8 +287,10 @@ def _meta(args, prompts, methods, draft_model) -> dict:
     import torch
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    from specserve.runtime.profile import machine_facts
+
+    machine = machine_facts()
+    cpu = f"{machine['cpu']}; {' '.join(machine['flags'])}"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip()
     return {
@@ -244,6 +303,8 @@ def _meta(args, prompts, methods, draft_model) -> dict:
         "target_model": args.target_model,
         "draft_model": draft_model,
         "dtype": args.dtype,
+        "cpu": machine["cpu"],
+        "cpu_flags": machine["flags"],
         "methods": methods,
         "modes": args.modes,
         "prompts": [p.prompt_id for p in prompts],

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-MODES = ("distributed", "in_process", "hf", "llama_cpp")
+# distributed_adaptive: the served stack with the cost-blind adaptive K instead of the
+# cost-aware controller (a second orchestrator on the same services), for a side-by-side comparison.
+MODES = ("distributed", "distributed_adaptive", "in_process", "hf", "llama_cpp")
 # The peer every row is compared with: llama.cpp's own plain decoding of the same GGUF.
 PEER = ("llama_cpp", "autoregressive")
 METHODS = ("autoregressive", "prompt_lookup", "draft_model", "medusa")

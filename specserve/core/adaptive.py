@@ -47,3 +47,13 @@ class SpeculationLength:
             self._k = max(self._k - 1, self.k_min)
             if accepted:
                 self._next_pause = 1
+
+    # The decoding loop's interface (see core.controller.SpeculationController): this
+    # policy ignores costs and context, and proposes chains only.
+    def plan(self, context: int, remaining: int):
+        from specserve.core.controller import StepPlan
+
+        return StepPlan(self.k)
+
+    def record(self, plan, depth: int, nodes: int, accepted: int) -> None:
+        self.update(depth, accepted)

@@ -60,8 +60,8 @@ class WithLookupBranch:
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
         await self.inner.start(prompt, sampling, seed)
 
-    async def propose(self, sequence: list[int], k: int) -> Proposal:
-        proposal = await self.inner.propose(sequence, k)
+    async def propose(self, sequence: list[int], k: int, nodes: int | None = None) -> Proposal:
+        proposal = await (self.inner.propose(sequence, k) if nodes is None else self.inner.propose(sequence, k, nodes=nodes))
         if proposal.parents is None:
             return proposal
         chain = find_continuation(sequence, k, self.max_ngram, self.min_ngram)

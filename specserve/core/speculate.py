@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from specserve.core.acceptance import Verdict
 from specserve.core.adaptive import SpeculationLength
+from specserve.core.controller import SpeculationController
 from specserve.core.sampling import SamplingConfig
 from specserve.core.tree import DraftTree
 
@@ -72,7 +73,8 @@ class Proposer(Protocol):
 
     async def propose(self, sequence: list[int], k: int) -> Proposal:
         """Propose up to k tokens to follow sequence (prompt + output so far), or a tree
-        of depth at most k (any number of nodes) when the proposer drafts trees."""
+        of depth at most k (any number of nodes) when the proposer drafts trees. A proposer
+        with `drafts_trees` true also takes `nodes=`: the tree's node budget for this step."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,9 @@ class DecodeRequest:
     seed: int
     eos_token_ids: frozenset[int]
     max_context_tokens: int
-    speculation: SpeculationLength | None = None  # None: plain decoding
+    # Plans each step and learns from it (core.controller.SpeculationController, or the
+    # cost-blind SpeculationLength); None: plain decoding.
+    speculation: SpeculationController | SpeculationLength | None = None
     stats: DecodeStats = field(default_factory=DecodeStats)
 
 
@@ -148,13 +152,18 @@ async def decode(target: TargetSession, proposer: Proposer | None, request: Deco
     while True:
         remaining = budget - (len(sequence) - len(prompt))
         step_began = time.perf_counter()
-        proposal, draft_ms = Proposal([]), 0.0
+        proposal, draft_ms, plan = Proposal([]), 0.0, None
         if proposer is not None and request.speculation is not None:
             # Never propose past the budget: one verify yields accepted + 1 tokens (k caps
             # a chain's length and a tree's depth).
-            k = min(request.speculation.k, remaining - 1)
+            plan = request.speculation.plan(len(sequence), remaining)
+            k = min(plan.k, remaining - 1)
             if k > 0:
-                proposal = await proposer.propose(sequence, k)
+                # A tree node budget goes only to a proposer that drafts trees.
+                if plan.nodes and getattr(proposer, "drafts_trees", False):
+                    proposal = await proposer.propose(sequence, k, nodes=plan.nodes)
+                else:
+                    proposal = await proposer.propose(sequence, k)
                 draft_ms = proposer.last_compute_ms
         verdict = await target.verify(len(sequence) - 1, [sequence[-1], *proposal.tokens], proposal.probs,
                                       parents=proposal.parents or None)
@@ -169,9 +178,8 @@ async def decode(target: TargetSession, proposer: Proposer | None, request: Deco
         stats.decode_steps += 1
         stats.proposed_tokens += len(proposal.tokens)
         stats.accepted_tokens += verdict.accepted
-        if request.speculation is not None:
-            # A tree's depth plays a chain's length: all of it accepted grows K.
-            request.speculation.update(proposal.depth, verdict.accepted)
+        if plan is not None:
+            request.speculation.record(plan, proposal.depth, len(proposal.tokens), verdict.accepted)
         sequence.extend(verdict.tokens)
         chunk, finish = _cut(verdict.tokens, request.eos_token_ids, remaining)
         stats.generated_tokens += len(chunk)

@@ -95,13 +95,13 @@ class LocalFeatureDraftProposer:
     def observe_target_hidden_states(self, hidden: torch.Tensor) -> None:
         self.pending.append(hidden)
 
-    async def propose(self, sequence: list[int], k: int) -> Proposal:
+    async def propose(self, sequence: list[int], k: int, nodes: int | None = None) -> Proposal:
         began = time.perf_counter()
         committed, append = self.tracker.diff(sequence)
         hidden = torch.cat(self.pending)  # [len(append), H]
         self.pending = []
         if self.drafts_trees:
-            tree = self.worker.propose_tree(committed, append, hidden, dataclasses.replace(self.tree, depth=k))
+            tree = self.worker.propose_tree(committed, append, hidden, dataclasses.replace(self.tree, depth=k, nodes=nodes or self.tree.nodes))
             proposal = Proposal(tree.tokens, None, tree.parents)
         else:
             tokens, rows = self.worker.propose(committed, append, k, hidden)

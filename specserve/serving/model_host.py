@@ -28,7 +28,7 @@ class ModelHost:
     """
 
     def __init__(self, loaded: Engine, max_sessions: int, threads: int | None = None,
-                 metrics: ModelServiceMetrics | None = None):
+                 cost_profile: model_service_pb2.CostProfile | None = None, metrics: ModelServiceMetrics | None = None):
         self.loaded = loaded
         self.sessions = SessionLimit(max_sessions)
         self.metrics = metrics
@@ -39,6 +39,7 @@ class ModelHost:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         if threads:
             torch.set_num_threads(threads)
+        self.cost_profile = cost_profile  # measured (or cached) at start-up; None: not measured
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         self._submitted += 1
@@ -68,6 +69,7 @@ class ModelHost:
             active_sessions=self.sessions.active,
             max_sessions=self.sessions.limit,
             needs_target_hidden_states=self.loaded.needs_target_hidden_states,
+            cost_profile=self.cost_profile,
         )
 
 
@@ -94,10 +96,25 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
     if not args.model:
         raise SystemExit(f"{role}: no model given (--model)")
+    from specserve.dtype_choice import resolve_dtype
+    from specserve.loading import resolve_engine
+    from specserve.runtime.profile import profile_for
+    from specserve.serving import cost_profile
+
     metrics = ModelServiceMetrics(role) if getattr(args, "metrics_port", 0) else None
-    engine = load_model(args.model, args.dtype, args.device, engine=args.engine, threads=args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine_name = resolve_engine(args.engine, args.model, args.device)
+    # dtype auto measures the torch engine's choices; llama.cpp computes in the GGUF's own types.
+    dtype = resolve_dtype(args.dtype, args.model, role, args.device) if engine_name == "torch" else "float32"
+    engine = load_model(args.model, dtype, args.device, engine=engine_name, threads=args.threads)
     logging.info("%s on the %s engine (%s)", args.model, engine.engine_name, engine.dtype_name)
-    host = ModelHost(engine, args.max_sessions, args.threads, metrics)
+    # What a forward costs here, measured before serving (a few seconds, once per machine: cached).
+    measured = profile_for(engine, role, args.device)
+    if measured is not None:
+        logging.info("cost profile (%s): %s", "cached" if measured.from_cache else f"measured in {measured.measured_s:.1f} s",
+                     measured.machine.get("cpu"))
+    host = ModelHost(engine, args.max_sessions, args.threads, cost_profile.to_proto(measured) if measured else None, metrics)
     if metrics is not None:
         metrics.queued.set_function(lambda: host.queued)
         serve_metrics(metrics.registry, args.host, args.metrics_port)

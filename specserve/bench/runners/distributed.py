@@ -14,8 +14,9 @@ REQUEST_TIMEOUT_S = 1800.0
 class DistributedRunner:
     mode = "distributed"
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, mode: str = "distributed"):
         self.channel, self.stub = connect(address)
+        self.mode = mode
 
     def run(self, prompt: BenchPrompt, method: str, max_new_tokens: int, step_timings: bool = False) -> RunRecord:
         request = build_request(messages=prompt.messages(), method=method, max_new_tokens=max_new_tokens, temperature=0.0)

@@ -2,7 +2,7 @@
 
 It does what the orchestrator does for a request minus the network: the same
 tokenization (orchestrator.requests.tokenize, chat template), the same default K and
-adaptive speculation length, the same proposers, incremental detokenization of the
+cost-aware speculation control, the same proposers, incremental detokenization of the
 output; so distributed / in-process is the cost of going over gRPC between processes.
 """
 
@@ -15,13 +15,14 @@ from orchestrator.requests import Limits, tokenize
 from specserve.bench.prompts import BenchPrompt
 from specserve.bench.records import RunRecord
 from specserve.client import build_request
-from specserve.core.adaptive import SpeculationLength
+from specserve.core.controller import speculation_policy
 from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DecodeRequest, decode
 from specserve.core.text import IncrementalDetokenizer
 from specserve.runtime.local import LocalTargetSession, local_draft_proposer
 from specserve.runtime.models import LoadedModel
+from specserve.runtime.profile import profile_for
 from specserve.v1 import orchestrator_pb2 as pb
 
 METHOD_ENUM = {"autoregressive": pb.AUTOREGRESSIVE, "prompt_lookup": pb.PROMPT_LOOKUP, "draft_model": pb.DRAFT_MODEL}
@@ -35,6 +36,11 @@ class InProcessRunner:
         self.draft = draft
         self.tokenizer = tokenizer
         self.limits = limits or Limits()
+        # The same cost profiles the services measure (cached per machine), for the same control.
+        target_profile = profile_for(target, "target")
+        draft_profile = profile_for(draft, "draft") if draft is not None else None
+        self.target_costs = target_profile.costs if target_profile else None
+        self.draft_costs = draft_profile.costs if draft_profile else None
 
     def skip_reason(self, method: str) -> str | None:
         """Why this runner cannot run `method`, or None."""
@@ -60,6 +66,13 @@ class InProcessRunner:
             step_timings=[(s.wall_ms, s.compute_ms) for s in stats.steps or []],
         )
 
+    def _speculation(self, method: str, k: int):
+        drafted = method == "draft_model"
+        trees = drafted and self.draft.needs_target_hidden_states and self.limits.tree_nodes > 0
+        return speculation_policy(self.target_costs, self.draft_costs if drafted else None, k=k,
+                                  k_max=self.limits.max_speculative_tokens, fixed=False,
+                                  tree_nodes=self.limits.tree_nodes if trees else 0, tree_width=self.limits.tree_width)
+
     async def decode_ids(self, prompt_ids: list[int], method: str, max_new_tokens: int, step_timings: bool):
         """(generated token ids, DecodeStats) for one greedy request, as the orchestrator would run it."""
         k = self.limits.default_k.get(METHOD_ENUM[method], 0)
@@ -79,7 +92,7 @@ class InProcessRunner:
             seed=0,
             eos_token_ids=self.target.eos_token_ids,
             max_context_tokens=self.target.max_context_tokens,
-            speculation=SpeculationLength(k, k_max=self.limits.max_speculative_tokens) if k else None,
+            speculation=self._speculation(method, k) if k else None,
         )
         if step_timings:
             request.stats.steps = []
