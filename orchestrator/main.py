@@ -7,9 +7,10 @@ import asyncio
 import logging
 
 from orchestrator import requests
-from orchestrator.ngram_pool import NgramPool
 from orchestrator.servicer import OrchestratorServicer, Upstreams
 from orchestrator.upstream import open_channel, wait_for_info
+from specserve.core.lookahead import LookaheadShape
+from specserve.core.ngram_pool import InMemoryNgramPool
 from specserve.core.tree import MAX_TREE_NODES, TreeShape
 from specserve.runtime.models import DEFAULT_MODEL, load_tokenizer
 from specserve.serving.grpc_server import run_server
@@ -30,7 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=env_default("SPECSERVE_TOKENIZER", DEFAULT_MODEL),
                         help="the target model's tokenizer (a model specification) [env SPECSERVE_TOKENIZER]")
     parser.add_argument("--redis-url", default=env_default("SPECSERVE_REDIS_URL", ""),
-                        help="Redis for the shared n-gram pool, '' for none [env SPECSERVE_REDIS_URL]")
+                        help="Redis for the n-gram pool shared by replicas; '' keeps the pool in this process, 'off' "
+                             "disables it [env SPECSERVE_REDIS_URL]")
+    parser.add_argument("--lookahead", default=env_default("SPECSERVE_LOOKAHEAD", _shape_text(LookaheadShape())),
+                        help="LOOKAHEAD's default window,ngram,guesses (W,N,G) [env SPECSERVE_LOOKAHEAD]")
     parser.add_argument("--default-method", default=env_default("SPECSERVE_DEFAULT_METHOD", "prompt_lookup"), choices=sorted(METHODS),
                         help="method for requests that name none [env SPECSERVE_DEFAULT_METHOD]")
     parser.add_argument("--max-new-tokens", type=int, default=env_default("SPECSERVE_MAX_NEW_TOKENS", 4096),
@@ -56,9 +60,10 @@ def run(args: argparse.Namespace) -> None:
             tree_nodes=args.tree_nodes,
             tree_width=args.tree_width,
             tree_branch=args.tree_branch,
+            lookahead=parse_shape(args.lookahead),
         )
     except ValueError as error:
-        raise SystemExit(f"orchestrator: {error} (--tree-nodes, --tree-width, --tree-branch)") from None
+        raise SystemExit(f"orchestrator: {error} (--tree-nodes, --tree-width, --tree-branch, --lookahead)") from None
     tokenizer = load_tokenizer(args.tokenizer)
     asyncio.run(_serve(args, tokenizer, limits))
 
@@ -71,11 +76,12 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
         draft=draft_pb2_grpc.DraftServiceStub(draft_channel) if draft_channel else None,
     )
     redis_client = None
-    if args.redis_url:
+    if args.redis_url and args.redis_url != "off":
         import redis.asyncio as redis
 
-        redis_client = redis.from_url(args.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
-    servicer = OrchestratorServicer(upstreams, tokenizer, limits, pool=None)
+        redis_client = redis.from_url(args.redis_url, socket_connect_timeout=0.25, socket_timeout=0.5)
+    pool = None if args.redis_url == "off" else InMemoryNgramPool()
+    servicer = OrchestratorServicer(upstreams, tokenizer, limits, pool=pool)
 
     async def wait_ready() -> None:
         # SERVING only once the target answers (and the draft, when configured).
@@ -84,7 +90,9 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
             # Whether the draft needs the target's hidden states decides the proposer.
             upstreams.draft_info = await wait_for_info("draft", upstreams.draft.GetInfo)
         if redis_client is not None:
-            servicer.pool = NgramPool(redis_client, namespace=upstreams.target_info.model)
+            from orchestrator.ngram_pool import RedisNgramPool
+
+            servicer.pool = RedisNgramPool(redis_client, namespace=fingerprint(upstreams.target_info, tokenizer))
 
     def register(server) -> list[str]:
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, server)
@@ -97,7 +105,33 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
         if draft_channel is not None:
             await draft_channel.close()
         if redis_client is not None:
+            if hasattr(servicer.pool, "close"):
+                await servicer.pool.close()
             await redis_client.aclose()
+
+
+def _shape_text(shape: LookaheadShape) -> str:
+    return f"{shape.window},{shape.ngram},{shape.guesses}"
+
+
+def parse_shape(text: str) -> LookaheadShape:
+    """'W,N,G' -> LookaheadShape (ValueError naming what is wrong)."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"lookahead: expected window,ngram,guesses as three integers, got {text!r}")
+    window, ngram, guesses = (int(p) for p in parts)
+    return LookaheadShape(window, ngram, guesses)
+
+
+def fingerprint(info, tokenizer) -> str:
+    """A short hash of the model and tokenizer: pools of different models never mix."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    digest.update(f"{info.model}|{info.vocab_size}".encode())
+    for token, index in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        digest.update(f"{index}:{token}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> None:

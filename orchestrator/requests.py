@@ -6,12 +6,13 @@ import math
 from dataclasses import dataclass, field
 
 from specserve.core.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from specserve.core.lookahead import LookaheadShape
 from specserve.core.sampling import SamplingConfig
 from specserve.core.tree import MAX_TREE_NODES, TreeShape
 from specserve.v1 import orchestrator_pb2 as pb
 
 METHOD_NAMES = {value: name for name, value in pb.Method.items()}
-SPECULATIVE_METHODS = (pb.DRAFT_MODEL, pb.PROMPT_LOOKUP)
+SPECULATIVE_METHODS = (pb.DRAFT_MODEL, pb.PROMPT_LOOKUP, pb.LOOKAHEAD)
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 16
 
@@ -31,6 +32,8 @@ class Limits:
     tree_nodes: int = TreeShape.nodes
     tree_width: int = TreeShape.width
     tree_branch: int = TreeShape.branch
+    # LOOKAHEAD's window, n-gram length and guesses when the request gives none.
+    lookahead: LookaheadShape = field(default_factory=LookaheadShape)
 
     def __post_init__(self) -> None:
         for name, low in (("tree_nodes", 0), ("tree_width", 1), ("tree_branch", 1)):
@@ -52,6 +55,7 @@ class Job:
     k: int  # starting speculation length (0 for AUTOREGRESSIVE)
     fixed_length: bool
     tree_nodes: int = 0  # nodes of a feature draft's trees for greedy requests; 0: chains
+    lookahead: LookaheadShape | None = None  # LOOKAHEAD's shape; None for other methods
 
 
 def tokenize(request: pb.GenerateRequest, tokenizer) -> list[int]:
@@ -84,7 +88,19 @@ def parse(request: pb.GenerateRequest, tokenizer, limits: Limits, max_context_to
             f"prompt: {len(prompt_ids)} tokens leave no room in the context window of {max_context_tokens} tokens"
         )
     seed = request.sampling.seed if request.sampling.HasField("seed") else None
-    return Job(prompt_ids, sampling, seed, method, k, fixed, tree_nodes)
+    lookahead = _lookahead(request.speculation, limits) if method == pb.LOOKAHEAD else None
+    return Job(prompt_ids, sampling, seed, method, k, fixed, tree_nodes, lookahead)
+
+
+def _lookahead(params, limits: Limits) -> LookaheadShape:
+    values = {}
+    for name in ("window", "ngram", "guesses"):
+        field_name = f"lookahead_{name}"
+        values[name] = getattr(params, field_name) if params.HasField(field_name) else getattr(limits.lookahead, name)
+    try:
+        return LookaheadShape(**values)
+    except ValueError as error:
+        raise InvalidArgument(f"speculation.lookahead_{error}") from None
 
 
 def _sampling(params, limits: Limits) -> SamplingConfig:
@@ -115,7 +131,7 @@ def _speculation(params, limits: Limits, has_draft: bool) -> tuple[int, int, boo
     method = params.method or limits.default_method
     if method not in METHOD_NAMES:
         raise InvalidArgument(f"speculation.method: unknown method {method}")
-    if method in (pb.MEDUSA, pb.LOOKAHEAD):
+    if method == pb.MEDUSA:
         raise Unimplemented(f"speculation.method: {METHOD_NAMES[method]} is not served yet")
     if method == pb.DRAFT_MODEL and not has_draft:
         raise FailedPrecondition("speculation.method: DRAFT_MODEL needs a draft service, and none is configured")
@@ -127,6 +143,6 @@ def _speculation(params, limits: Limits, has_draft: bool) -> tuple[int, int, boo
             )
     else:
         k = limits.default_k.get(method, 0)
-    if method == pb.AUTOREGRESSIVE:
-        k = 0
+    if method in (pb.AUTOREGRESSIVE, pb.LOOKAHEAD):
+        k = 0  # lookahead's step size is its shape (window, ngram, guesses)
     return method, k, params.fixed_length

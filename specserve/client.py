@@ -26,6 +26,9 @@ def build_request(
     num_speculative_tokens: int | None = None,
     fixed_length: bool = False,
     tree_nodes: int | None = None,
+    lookahead_window: int | None = None,
+    lookahead_ngram: int | None = None,
+    lookahead_guesses: int | None = None,
 ) -> pb.GenerateRequest:
     sampling = common_pb2.SamplingParams(temperature=temperature, top_k=top_k, stop=stop or [])
     if max_new_tokens is not None:
@@ -39,6 +42,10 @@ def build_request(
         speculation.num_speculative_tokens = num_speculative_tokens
     if tree_nodes is not None:
         speculation.tree_nodes = tree_nodes
+    for name, value in (("lookahead_window", lookahead_window), ("lookahead_ngram", lookahead_ngram),
+                        ("lookahead_guesses", lookahead_guesses)):
+        if value is not None:
+            setattr(speculation, name, value)
     return pb.GenerateRequest(
         prompt=prompt or "",
         messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages or []],

@@ -50,7 +50,7 @@ class StackConfig:
     tokenizer: str | None = None  # None: the target model's
     dtype: str = "float32"
     port: int = 50051  # the orchestrator's; 0 picks a free one
-    redis: str = "auto"  # "auto": start redis-server if installed; "off"; or a redis:// URL
+    redis: str = "auto"  # "auto": start redis-server if installed; "off" (no n-gram pool at all); or a redis:// URL
     default_method: str = "prompt_lookup"
     threads: int = 0
     # A feature draft's trees for greedy requests (the orchestrator's --tree-* flags; 0 nodes: chains).
@@ -112,7 +112,9 @@ class Stack:
         self.address = f"127.0.0.1:{port}"
         orchestrator = self._spawn("orchestrator", [
             py, "-m", "orchestrator", "--port", str(port), "--target", self.target_address,
-            "--draft", self.draft_address, "--tokenizer", c.tokenizer or c.target_model, "--redis-url", self.redis_url,
+            "--draft", self.draft_address, "--tokenizer", c.tokenizer or c.target_model,
+            # No Redis: the pool stays in the orchestrator's process, unless it is turned off.
+            "--redis-url", self.redis_url or ("off" if c.redis == "off" else ""),
             "--default-method", c.default_method, "--tree-nodes", str(c.tree_nodes), "--tree-width", str(c.tree_width),
             "--tree-branch", str(c.tree_branch),
         ])

@@ -59,6 +59,25 @@ def lookahead_step(worker: TargetWorker, committed_len: int, pending: int, level
     return LookaheadResult(verdict, next_level)
 
 
+def unflatten(window: int, window_tokens: list[int], candidate_tokens: list[int], candidate_lengths: list[int]
+              ) -> tuple[list[list[int]], list[list[int]]]:
+    """(levels, candidates) from the flat form a lookahead op travels in, its sizes checked."""
+    width, flat = window, list(window_tokens)
+    if not 1 <= width <= MAX_WINDOW:
+        raise InvalidArgument(f"window: must be in [1, {MAX_WINDOW}], got {width}")
+    if not flat or len(flat) % width or len(flat) // width > MAX_NGRAM - 1:
+        raise InvalidArgument(f"window_tokens: expected 1 to {MAX_NGRAM - 1} levels of window={width} tokens, got {len(flat)} tokens")
+    levels = [flat[i : i + width] for i in range(0, len(flat), width)]
+    lengths, flat = list(candidate_lengths), list(candidate_tokens)
+    if sum(lengths) != len(flat):
+        raise InvalidArgument(f"candidate_lengths: they sum to {sum(lengths)} but candidate_tokens holds {len(flat)} tokens")
+    if len(lengths) > MAX_GUESSES or any(not 1 <= n <= MAX_CANDIDATE_TOKENS for n in lengths):
+        raise InvalidArgument(f"candidate_lengths: at most {MAX_GUESSES} candidates of 1 to {MAX_CANDIDATE_TOKENS} tokens each")
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    candidates = [flat[s : s + n] for s, n in zip(starts, lengths)]
+    return levels, candidates
+
+
 def _check_shape(levels: list[list[int]], candidates: list[list[int]]) -> None:
     if not levels:
         raise InvalidArgument("window: at least one level of the lookahead window is needed")
