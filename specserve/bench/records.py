@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 MODES = ("distributed", "in_process", "hf")
-METHODS = ("autoregressive", "prompt_lookup", "draft_model")
+METHODS = ("autoregressive", "prompt_lookup", "draft_model", "lookahead")
 BASELINE_METHOD = "autoregressive"
 
 
