@@ -41,14 +41,16 @@ def lookahead_step(worker: TargetWorker, committed_len: int, pending: int, level
     model = worker.kv.model
     hidden = worker.kv.extend_masked(layout.tokens, layout.positions, layout.visible,
                                      module=model.model).last_hidden_state[0]  # [n, H]
-    # The head runs on the rows read only: the top window level, and the candidate rows the walk
-    # reaches (never all of them: the head is a large share of a small model's cost).
-    next_level = model.lm_head(hidden[layout.top_rows]).argmax(-1).tolist() if layout.top_rows else []
+    # The head runs on the rows read only (not the window's lower levels), in one call: its
+    # weights are a large share of a small model and are read once per call.
+    rows = [0, *layout.top_rows, *(r for rows in layout.candidate_rows for r in rows)]
+    logits = model.lm_head(hidden[rows]).float().cpu()  # [r, V]
+    index = {row: i for i, row in enumerate(rows)}
+    next_level = logits[1 : 1 + len(layout.top_rows)].argmax(-1).tolist()
     sampling = worker.sampling
 
     def target_at(row: int) -> torch.Tensor:
-        logits = model.lm_head(hidden[row]).float().cpu()  # [V]
-        return logits if sampling.greedy else warp(logits, sampling)
+        return logits[index[row]] if sampling.greedy else warp(logits[index[row]], sampling)  # [V]
 
     verdict, path = verify_candidates(target_at, candidates, layout.candidate_rows,
                                       None if sampling.greedy else worker.generator)
