@@ -7,7 +7,7 @@ import argparse
 from draft_service.servicer import DraftServicer
 from specserve.runtime.models import default_draft_model
 from specserve.serving.model_host import serve_model
-from specserve.serving.options import add_model_service_arguments
+from specserve.serving.options import add_model_service_arguments, run_or_exit
 from specserve.v1 import draft_pb2, draft_pb2_grpc
 
 DEFAULT_PORT = 50053
@@ -25,4 +25,4 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="draft_service", description=__doc__)
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    run_or_exit(run, parser.parse_args(argv), "draft_service")

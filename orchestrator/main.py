@@ -7,14 +7,14 @@ import asyncio
 import logging
 
 from orchestrator import requests
+from orchestrator.replicas import ReplicaSet
 from orchestrator.servicer import OrchestratorServicer, Upstreams
-from orchestrator.upstream import open_channel, wait_for_info
 from specserve.core.lookahead import LookaheadShape
 from specserve.core.ngram_pool import InMemoryNgramPool
 from specserve.core.tree import MAX_TREE_NODES, TreeShape
 from specserve.runtime.models import DEFAULT_MODEL, load_tokenizer
 from specserve.serving.grpc_server import run_server
-from specserve.serving.options import env_default
+from specserve.serving.options import env_default, run_or_exit
 from specserve.v1 import draft_pb2_grpc, orchestrator_pb2 as pb, orchestrator_pb2_grpc, target_pb2_grpc
 
 DEFAULT_PORT = 50051
@@ -25,9 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=env_default("SPECSERVE_HOST", "127.0.0.1"), help="address to listen on [env SPECSERVE_HOST]")
     parser.add_argument("--port", type=int, default=env_default("SPECSERVE_PORT", DEFAULT_PORT), help="port [env SPECSERVE_PORT]")
     parser.add_argument("--target", default=env_default("SPECSERVE_TARGET_ADDR", "127.0.0.1:50052"),
-                        help="target service address; dns:///name:port spreads over every replica [env SPECSERVE_TARGET_ADDR]")
+                        help="target replicas: dns:///name:port (every address the name resolves to, re-resolved "
+                             "every few seconds) or host:port[,host:port...] [env SPECSERVE_TARGET_ADDR]")
     parser.add_argument("--draft", default=env_default("SPECSERVE_DRAFT_ADDR", "127.0.0.1:50053"),
-                        help="draft service address, '' for none [env SPECSERVE_DRAFT_ADDR]")
+                        help="draft replicas, as --target; '' for none [env SPECSERVE_DRAFT_ADDR]")
     parser.add_argument("--tokenizer", default=env_default("SPECSERVE_TOKENIZER", DEFAULT_MODEL),
                         help="the target model's tokenizer (a model specification) [env SPECSERVE_TOKENIZER]")
     parser.add_argument("--redis-url", default=env_default("SPECSERVE_REDIS_URL", ""),
@@ -69,12 +70,12 @@ def run(args: argparse.Namespace) -> None:
 
 
 async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -> None:
-    target_channel = open_channel(args.target)
-    draft_channel = open_channel(args.draft) if args.draft else None
     upstreams = Upstreams(
-        target=target_pb2_grpc.TargetServiceStub(target_channel),
-        draft=draft_pb2_grpc.DraftServiceStub(draft_channel) if draft_channel else None,
+        target=ReplicaSet("target", args.target, target_pb2_grpc.TargetServiceStub),
+        draft=ReplicaSet("draft", args.draft, draft_pb2_grpc.DraftServiceStub) if args.draft else None,
     )
+    # Discovery and health polls run for the server's lifetime.
+    watchers = [asyncio.create_task(replicas.run()) for replicas in (upstreams.target, upstreams.draft) if replicas]
     redis_client = None
     if args.redis_url and args.redis_url != "off":
         import redis.asyncio as redis
@@ -84,15 +85,15 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
     servicer = OrchestratorServicer(upstreams, tokenizer, limits, pool=pool)
 
     async def wait_ready() -> None:
-        # SERVING only once the target answers (and the draft, when configured).
-        upstreams.target_info = await wait_for_info("target", upstreams.target.GetInfo)
+        # SERVING only once a target replica answers (and a draft replica, when configured).
+        info = await upstreams.target.wait_healthy()
         if upstreams.draft is not None:
             # Whether the draft needs the target's hidden states decides the proposer.
-            upstreams.draft_info = await wait_for_info("draft", upstreams.draft.GetInfo)
+            await upstreams.draft.wait_healthy()
         if redis_client is not None:
             from orchestrator.ngram_pool import RedisNgramPool
 
-            servicer.pool = RedisNgramPool(redis_client, namespace=fingerprint(upstreams.target_info, tokenizer))
+            servicer.pool = RedisNgramPool(redis_client, namespace=fingerprint(info, tokenizer))
 
     def register(server) -> list[str]:
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, server)
@@ -101,9 +102,9 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
     try:
         await run_server(register, args.host, args.port, wait_ready=wait_ready, with_reflection=True)
     finally:
-        await target_channel.close()
-        if draft_channel is not None:
-            await draft_channel.close()
+        for watcher in watchers:
+            watcher.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
         if redis_client is not None:
             if hasattr(servicer.pool, "close"):
                 await servicer.pool.close()
@@ -137,4 +138,4 @@ def fingerprint(info, tokenizer) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    run_or_exit(run, parser.parse_args(argv), "orchestrator")

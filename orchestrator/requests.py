@@ -15,6 +15,7 @@ METHOD_NAMES = {value: name for name, value in pb.Method.items()}
 SPECULATIVE_METHODS = (pb.DRAFT_MODEL, pb.PROMPT_LOOKUP, pb.LOOKAHEAD)
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -107,13 +108,17 @@ def _sampling(params, limits: Limits) -> SamplingConfig:
     max_new = params.max_new_tokens if params.HasField("max_new_tokens") else limits.default_max_new_tokens
     if not 1 <= max_new <= limits.max_new_tokens:
         raise InvalidArgument(f"sampling.max_new_tokens: must be in [1, {limits.max_new_tokens}], got {max_new}")
-    if math.isnan(params.temperature) or params.temperature < 0:
-        raise InvalidArgument(f"sampling.temperature: must be >= 0 (0 means greedy), got {params.temperature}")
+    if not math.isfinite(params.temperature) or params.temperature < 0:
+        raise InvalidArgument(f"sampling.temperature: must be finite and >= 0 (0 means greedy), got {params.temperature}")
     top_p = params.top_p if params.HasField("top_p") else 1.0
-    if math.isnan(top_p) or not 0.0 < top_p <= 1.0:
+    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
         raise InvalidArgument(f"sampling.top_p: must be in (0, 1], got {top_p}")
+    # top_k at or beyond the vocabulary keeps every token: the filter is off (documented).
     if len(params.stop) > MAX_STOP_STRINGS:
         raise InvalidArgument(f"sampling.stop: at most {MAX_STOP_STRINGS} stop strings, got {len(params.stop)}")
+    for i, stop in enumerate(params.stop):
+        if not 1 <= len(stop) <= MAX_STOP_CHARS:
+            raise InvalidArgument(f"sampling.stop[{i}]: must hold 1 to {MAX_STOP_CHARS} characters, got {len(stop)}")
     return SamplingConfig(
         temperature=params.temperature, top_p=top_p, top_k=params.top_k, max_new_tokens=max_new, stop=tuple(params.stop)
     )

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import grpc
 
 from orchestrator import requests
-from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer, RemoteTargetSession
+from orchestrator.failover import FailoverDraftProposer, FailoverTargetSession
+from orchestrator.replicas import ReplicaSet
+from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer
 from specserve.core.adaptive import SpeculationLength
 from specserve.core.errors import Unavailable
 from specserve.core.lookahead_decode import decode_lookahead
@@ -19,7 +21,7 @@ from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.speculate import DecodeRequest, Finish, decode
 from specserve.core.text import IncrementalDetokenizer, StopStringFilter
 from specserve.serving.grpc_server import status_on_error
-from specserve.v1 import draft_pb2_grpc, model_service_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc, target_pb2_grpc
+from specserve.v1 import model_service_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,18 @@ FINISH = {Finish.LENGTH: pb.LENGTH, Finish.STOP: pb.STOP, Finish.EOS: pb.EOS}
 
 @dataclass
 class Upstreams:
-    target: target_pb2_grpc.TargetServiceStub
-    draft: draft_pb2_grpc.DraftServiceStub | None
-    target_info: model_service_pb2.ModelInfo | None = None  # set once the target answers
-    draft_info: model_service_pb2.ModelInfo | None = None  # set once the draft answers
+    """The replicas of the target service and of the draft service (None: no draft)."""
+
+    target: ReplicaSet
+    draft: ReplicaSet | None
+
+    @property
+    def target_info(self) -> model_service_pb2.ModelInfo | None:  # None until a target replica answers
+        return self.target.info()
+
+    @property
+    def draft_info(self) -> model_service_pb2.ModelInfo | None:  # None until a draft replica answers
+        return self.draft.info() if self.draft is not None else None
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
@@ -48,7 +58,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             if info is None:
                 raise Unavailable("the target service has not answered yet; retry shortly")
             job = requests.parse(request, self.tokenizer, self.limits, info.max_context_tokens, self.upstreams.draft is not None)
-            target = RemoteTargetSession(self.upstreams.target)
+            target = FailoverTargetSession(self.upstreams.target)
             proposer = self._proposer(job)
             speculation = SpeculationLength(job.k, k_max=self.limits.max_speculative_tokens, fixed=job.fixed_length) if job.k else None
             decoding = DecodeRequest(
@@ -103,6 +113,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                             time_to_first_token_ms=first_token_ms or 0.0,
                             method=job.method,
                             draft_forward_passes=proposer.forward_passes if proposer else 0,
+                            failovers=target.failovers + getattr(proposer, "failovers", 0),
                             step_timings=[
                                 pb.StepTiming(wall_ms=s.wall_ms, compute_ms=s.compute_ms, proposed=s.proposed, accepted=s.accepted)
                                 for s in stats.steps or []
@@ -128,8 +139,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             # and trees for greedy requests (unless the request's tree_nodes is 0), to which
             # prompt lookup adds its continuation as one more branch.
             if info.needs_target_hidden_states:
-                return WithLookupBranch(RemoteFeatureDraftProposer(self.upstreams.draft, self.limits.tree_shape(job.tree_nodes)))
-            return RemoteDraftProposer(self.upstreams.draft)
+                shape = self.limits.tree_shape(job.tree_nodes)
+                feature_draft = FailoverDraftProposer(self.upstreams.draft, lambda stub: RemoteFeatureDraftProposer(stub, shape),
+                                                      needs_target_hidden_states=True)
+                return WithLookupBranch(feature_draft)
+            return FailoverDraftProposer(self.upstreams.draft, RemoteDraftProposer, needs_target_hidden_states=False)
         if job.method == pb.PROMPT_LOOKUP:
             use_pool = self.pool is not None and (job.sampling.greedy or job.seed is None)  # see Generate
             return PromptLookupProposer(fallback=lookup_fallback(self.pool) if use_pool else None)

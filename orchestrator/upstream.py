@@ -1,45 +1,22 @@
-"""Sessions with the target and draft services over gRPC, as the core loop's interfaces.
+"""Sessions with one target or draft replica over gRPC, as the core loop's interfaces.
 
-A channel per service uses gRPC's round_robin policy over every address its
-name resolves to, so `dns:///target:50052` spreads sessions over all target
-replicas; a session is one stream and stays on the replica that took it.
+A session is one stream and stays on the replica that took it; which replica
+takes it, and what happens when that replica fails, is `replicas` and `failover`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import grpc
 
 from specserve.core.acceptance import Verdict
-from specserve.core.errors import Unavailable
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DraftSequenceTracker, Proposal
 from specserve.core.tree import TreeShape
 from specserve.serving import hidden_states
-from specserve.serving.grpc_server import CHANNEL_OPTIONS, UpstreamError
-from specserve.v1 import common_pb2, draft_pb2, draft_pb2_grpc, model_service_pb2, target_pb2, target_pb2_grpc
-
-log = logging.getLogger(__name__)
-
-
-def open_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")])
-
-
-async def wait_for_info(name: str, get_info, timeout_s: float | None = None) -> model_service_pb2.ModelInfo:
-    """Polls a service's GetInfo until it answers (services load models before listening)."""
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout_s is None else loop.time() + timeout_s
-    while True:
-        try:
-            return await get_info(model_service_pb2.GetInfoRequest(), timeout=2.0)
-        except grpc.aio.AioRpcError as error:
-            if deadline is not None and loop.time() > deadline:
-                raise Unavailable(f"{name} service is not reachable: {error.details()}") from error
-            log.info("waiting for the %s service (%s)", name, error.code().name)
-            await asyncio.sleep(0.5)
+from specserve.serving.grpc_server import UpstreamError
+from specserve.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
 
 
 def _sampling_proto(sampling: SamplingConfig) -> common_pb2.SamplingParams:
@@ -64,6 +41,10 @@ class _Stream:
             response = await self.call.read()
         except grpc.aio.AioRpcError as error:
             raise UpstreamError(error.code(), f"{self.name} service: {error.details()}") from error
+        except asyncio.InvalidStateError as error:  # the stream had already ended (its service died)
+            code = await self.call.code()
+            code = grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.OK else code
+            raise UpstreamError(code, f"{self.name} service ended the session: {await self.call.details()}") from error
         if response is grpc.aio.EOF:
             code = await self.call.code()
             raise UpstreamError(code, f"{self.name} service ended the session: {await self.call.details()}")

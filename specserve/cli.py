@@ -76,6 +76,8 @@ def _stack_flags(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per service, 0 = torch's default (use 1 when the cores are shared with other work)")
     parser.add_argument("--log-dir", type=Path, default=None, help="write each service's log here")
+    parser.add_argument("--target-replicas", type=int, default=1, help="target service processes behind the orchestrator")
+    parser.add_argument("--draft-replicas", type=int, default=1, help="draft service processes behind the orchestrator")
     add_tree_flags(parser)
 
 
@@ -94,7 +96,8 @@ def _stack_config(args: argparse.Namespace):
 
     return StackConfig(target_model=args.target_model, draft_model=args.draft_model or None, dtype=args.dtype,
                        port=args.port, redis=args.redis, default_method=args.default_method, threads=args.threads,
-                       log_dir=args.log_dir, tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch)
+                       log_dir=args.log_dir, tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch,
+                       target_replicas=args.target_replicas, draft_replicas=args.draft_replicas)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -124,6 +127,22 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 
     print(resolve_model_dir(args.model))
     return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server says SERVING: a container healthcheck (docker-compose)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
+                                                               timeout=args.timeout).status
+        except grpc.RpcError as error:
+            print(f"{args.address}: {error.code().name}", file=sys.stderr)
+            return 1
+    print(f"{args.address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(status)}")
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def cmd_service(module: str):
@@ -166,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("health", help="check a server's gRPC health; exit 0 when SERVING (for container healthchecks)")
+    p.add_argument("address", nargs="?", default="127.0.0.1:50051")
+    p.add_argument("--service", default="", help="a service name; '' = the server as a whole")
+    p.add_argument("--timeout", type=float, default=2.0)
+    p.set_defaults(func=cmd_health)
+
     p = sub.add_parser("prepare-model", help="convert a model once to the local safetensors cache; print its directory")
     p.add_argument("model", nargs="?", default="smollm2")
     p.set_defaults(func=cmd_prepare_model)
@@ -188,8 +213,15 @@ def _add_optional_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from specserve.runtime.models import ModelUnavailable
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModelUnavailable as error:
+        # A setup problem: the message names the missing piece and the command that fixes it.
+        print(f"specserve: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -59,6 +59,14 @@ class StackConfig:
     tree_branch: int = TreeShape.branch
     extra_env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None  # None: services log to this process's stderr
+    # Processes of each model service; the orchestrator spreads sessions over them and
+    # moves a session when its replica dies.
+    target_replicas: int = 1
+    draft_replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if self.target_replicas < 1 or self.draft_replicas < 1:
+            raise ValueError("target_replicas and draft_replicas must be at least 1")
 
 
 class Stack:
@@ -68,8 +76,8 @@ class Stack:
         self.config = config
         self.processes: list[tuple[str, subprocess.Popen]] = []
         self.address = ""
-        self.target_address = ""
-        self.draft_address = ""
+        self.target_addresses: list[str] = []
+        self.draft_addresses: list[str] = []
         self.redis_url = ""
         self._tmp = tempfile.TemporaryDirectory(prefix="specserve-")
 
@@ -97,31 +105,60 @@ class Stack:
         return process
 
     def start(self) -> None:
+        from specserve.runtime.models import check_available
+
         c = self.config
         py = sys.executable
+        for spec in {c.target_model, c.tokenizer or c.target_model}:
+            check_available(spec)  # a missing model package is named here, not in a service's log
         self.redis_url = self._start_redis()
-        target_port = free_port()
-        self.target_address = f"127.0.0.1:{target_port}"
-        target = self._spawn("target", [py, "-m", "target_service", "--model", c.target_model, "--dtype", c.dtype, "--port", str(target_port)])
-        draft = None
-        if c.draft_model:
-            draft_port = free_port()
-            self.draft_address = f"127.0.0.1:{draft_port}"
-            draft = self._spawn("draft", [py, "-m", "draft_service", "--model", c.draft_model, "--dtype", c.dtype, "--port", str(draft_port)])
+        services = []  # (log name, address, process)
+        for role, model, count, addresses in (("target", c.target_model, c.target_replicas, self.target_addresses),
+                                              ("draft", c.draft_model, c.draft_replicas, self.draft_addresses)):
+            for i in range(count if model else 0):
+                name = role if count == 1 else f"{role}-{i}"
+                address = f"127.0.0.1:{free_port()}"
+                addresses.append(address)
+                process = self._spawn(name, [py, "-m", f"{role}_service", "--model", model, "--dtype", c.dtype,
+                                             "--port", address.rpartition(":")[2]])
+                services.append((name, address, process))
         port = c.port or free_port()
         self.address = f"127.0.0.1:{port}"
         orchestrator = self._spawn("orchestrator", [
-            py, "-m", "orchestrator", "--port", str(port), "--target", self.target_address,
-            "--draft", self.draft_address, "--tokenizer", c.tokenizer or c.target_model,
+            py, "-m", "orchestrator", "--port", str(port), "--target", ",".join(self.target_addresses),
+            "--draft", ",".join(self.draft_addresses), "--tokenizer", c.tokenizer or c.target_model,
             # No Redis: the pool stays in the orchestrator's process, unless it is turned off.
             "--redis-url", self.redis_url or ("off" if c.redis == "off" else ""),
             "--default-method", c.default_method, "--tree-nodes", str(c.tree_nodes), "--tree-width", str(c.tree_width),
             "--tree-branch", str(c.tree_branch),
         ])
-        wait_serving(self.target_address, 600, target)
-        if draft is not None:
-            wait_serving(self.draft_address, 600, draft)
-        wait_serving(self.address, 120, orchestrator)
+        for name, address, process in services:
+            self._wait(name, address, 600, process)
+        self._wait("orchestrator", self.address, 120, orchestrator)
+
+    @property
+    def target_address(self) -> str:
+        """The first target replica's address (the only one unless target_replicas > 1)."""
+        return self.target_addresses[0] if self.target_addresses else ""
+
+    @property
+    def draft_address(self) -> str:
+        return self.draft_addresses[0] if self.draft_addresses else ""
+
+    def process(self, name: str) -> subprocess.Popen:
+        """The child process of that log name (e.g. "target-1"), to stop or kill in tests."""
+        return next(process for n, process in self.processes if n == name)
+
+    def _wait(self, name: str, address: str, timeout_s: float, process: subprocess.Popen) -> None:
+        """wait_serving, and when the service dies first, the end of its log in the error."""
+        try:
+            wait_serving(address, timeout_s, process)
+        except (RuntimeError, TimeoutError) as error:
+            log = self.config.log_dir / f"{name}.log" if self.config.log_dir else None
+            if log is None or not log.is_file():
+                raise
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-5:])
+            raise RuntimeError(f"{error}; the end of {log}:\n{tail}") from None
 
     def _start_redis(self) -> str:
         mode = self.config.redis
@@ -131,6 +168,8 @@ class Stack:
             return mode
         server = shutil.which("redis-server")
         if server is None:
+            print("redis-server is not installed: running without the shared n-gram pool "
+                  "(apt-get install -y redis-server adds it)", file=sys.stderr, flush=True)
             return ""
         port = free_port()
         process = self._spawn("redis", [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",

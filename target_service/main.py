@@ -6,7 +6,7 @@ import argparse
 
 from specserve.runtime.models import DEFAULT_MODEL
 from specserve.serving.model_host import serve_model
-from specserve.serving.options import add_model_service_arguments
+from specserve.serving.options import add_model_service_arguments, run_or_exit
 from specserve.v1 import target_pb2, target_pb2_grpc
 from target_service.servicer import TargetServicer
 
@@ -25,4 +25,4 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="target_service", description=__doc__)
     add_arguments(parser)
-    run(parser.parse_args(argv))
+    run_or_exit(run, parser.parse_args(argv), "target_service")

@@ -90,6 +90,11 @@ BAD_REQUESTS = [
     (dict(prompt="hi", max_new_tokens=0), "sampling.max_new_tokens"),
     (dict(prompt="hi", max_new_tokens=100000), "sampling.max_new_tokens"),
     (dict(prompt="hi", temperature=-0.5), "sampling.temperature"),
+    (dict(prompt="hi", temperature=float("inf")), "sampling.temperature"),
+    (dict(prompt="hi", temperature=float("nan")), "sampling.temperature"),
+    (dict(prompt="hi", top_p=float("nan")), "sampling.top_p"),
+    (dict(prompt="hi", stop=["ok", ""]), "sampling.stop[1]"),
+    (dict(prompt="hi", stop=["x" * 257]), "sampling.stop[0]"),
     (dict(prompt="hi", top_p=0.0), "sampling.top_p"),
     (dict(prompt="hi", top_p=1.5), "sampling.top_p"),
     (dict(prompt="hi", num_speculative_tokens=0), "speculation.num_speculative_tokens"),
@@ -105,6 +110,14 @@ def test_bad_input_is_invalid_argument_naming_the_field(stub, kwargs, field):
         generate(stub, build_request(**kwargs), timeout_s=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith(field + ":"), caught.value.details()
+
+
+def test_edge_inputs_have_a_documented_meaning(stub):
+    # top_k beyond the vocabulary keeps every token: the same as no filter at all.
+    seeded = dict(prompt=PROMPTS[0], method="autoregressive", temperature=0.9, seed=5, max_new_tokens=12)
+    assert run(stub, top_k=10**9, **seeded).token_ids == run(stub, top_k=0, **seeded).token_ids
+    # Control characters are text like any other.
+    assert run(stub, prompt="a\x00b\x07\x1b[0m c", max_new_tokens=4).stats.generated_tokens > 0
 
 
 def test_unknown_method_is_invalid_argument(stub):

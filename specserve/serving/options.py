@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable
 
 
 def env_default(name: str, default):
@@ -28,3 +30,14 @@ def add_model_service_arguments(parser: argparse.ArgumentParser, role: str, port
                         help=f"sessions held at once; more get RESOURCE_EXHAUSTED [env {prefix}MAX_SESSIONS]")
     parser.add_argument("--threads", type=int, default=env_default("SPECSERVE_THREADS", 0),
                         help="torch CPU threads, 0 = torch's default [env SPECSERVE_THREADS]")
+
+
+def run_or_exit(run: Callable[[argparse.Namespace], None], args: argparse.Namespace, prog: str) -> None:
+    """Runs a service; a setup problem (say, the default model's package missing) ends it with
+    the message that names the fix instead of a traceback."""
+    from specserve.runtime.models import ModelUnavailable
+
+    try:
+        run(args)
+    except ModelUnavailable as error:
+        sys.exit(f"{prog}: error: {error}")

@@ -1,0 +1,235 @@
+"""Sessions that survive their replica: the orchestrator owns each request's token
+record, so a session lost with its replica is rebuilt on another from that record.
+
+Target: the record is the sequence the target's cache holds (prompt, then every
+pending token and accepted proposal). When the replica fails mid-op (its stream
+breaks, or its health polls stop), a session is opened on another replica with
+that sequence as its prompt, and the op is sent again. Greedy output is the
+same token for token; a sampled request stays in distribution (the new replica's
+random stream starts afresh from the request's seed).
+
+Draft: a token draft is restarted on another replica with the request's prompt,
+and its next propose sends everything since; a feature draft gets the target's
+hidden states of the whole sequence again (kept here, one row per token). With no
+draft replica left, steps go on without proposals (plain decoding) until one
+returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from orchestrator.replicas import ReplicaFailed, ReplicaSet, race_failure
+from orchestrator.upstream import RemoteDraftProposer, RemoteTargetSession
+from specserve.core.acceptance import Verdict
+from specserve.core.errors import Unavailable
+from specserve.core.sampling import SamplingConfig
+from specserve.core.speculate import Proposal
+from specserve.serving import hidden_states
+from specserve.serving.grpc_server import UpstreamError
+from specserve.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+# Statuses that mean "this replica, not this request": the session moves elsewhere.
+MOVABLE = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+})
+# How long a request waits for some replica to be healthy before it fails UNAVAILABLE.
+WAIT_FOR_REPLICA_S = 10.0
+
+
+def _movable(error: Exception) -> bool:
+    return isinstance(error, ReplicaFailed) or (isinstance(error, UpstreamError) and error.code in MOVABLE)
+
+
+class FailoverTargetSession:
+    """The core loop's TargetSession over a set of target replicas."""
+
+    def __init__(self, replicas: ReplicaSet):
+        self.replicas = replicas
+        self.session: RemoteTargetSession | None = None
+        self.replica = None
+        self.record: list[int] = []  # the tokens the target's cache holds
+        self.failovers = 0
+        self._start_args: tuple[SamplingConfig, int, bool] | None = None
+
+    @property
+    def last_compute_ms(self) -> float:
+        return self.session.last_compute_ms if self.session else 0.0
+
+    @property
+    def last_hidden_states(self):
+        return self.session.last_hidden_states if self.session else None
+
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> int:
+        self._start_args = (sampling, seed, return_hidden_states)
+        first = await self._open(prompt, first_open=True)
+        self.record = list(prompt)
+        return first
+
+    async def verify(self, committed_len: int, tokens: list[int], draft_probs, parents: list[int] | None = None) -> Verdict:
+        verdict = await self._call(lambda s: s.verify(committed_len, tokens, draft_probs, parents), committed_len)
+        # The cache now holds the pending token and the accepted proposals (a chain's prefix or a tree's path).
+        self.record = self.record[:committed_len] + [tokens[0], *verdict.tokens[:verdict.accepted]]
+        return verdict
+
+    async def lookahead(self, committed_len: int, pending: int, levels: list[list[int]],
+                        candidates: list[list[int]]) -> tuple[Verdict, list[int]]:
+        result = await self._call(lambda s: s.lookahead(committed_len, pending, levels, candidates), committed_len)
+        verdict = result[0]
+        # The cache now holds the pending token and the accepted candidate tokens.
+        self.record = self.record[:committed_len] + [pending, *verdict.tokens[:verdict.accepted]]
+        return result
+
+    async def _call(self, op: Callable[[RemoteTargetSession], Awaitable], committed_len: int):
+        while True:
+            try:
+                return await race_failure(op(self.session), self.replica)
+            except (UpstreamError, ReplicaFailed) as error:
+                if not _movable(error):
+                    raise
+                self._lost(error)
+            # Rebuild the session from the record of what the lost one held, then send the op again.
+            self.failovers += 1
+            await self._open(self.record[:committed_len], first_open=False)
+
+    async def _open(self, prompt: list[int], first_open: bool) -> int:
+        """A session on a healthy replica holding `prompt`; the token it generated after it."""
+        sampling, seed, return_hidden = self._start_args
+        tried: set[str] = set()
+        deadline = asyncio.get_running_loop().time() + WAIT_FOR_REPLICA_S
+        while True:
+            replica = await _pick(self.replicas, tried, deadline)
+            session = RemoteTargetSession(replica.stub)
+            try:
+                first = await race_failure(session.start(prompt, sampling, seed, return_hidden), replica)
+            except (UpstreamError, ReplicaFailed) as error:
+                session.close()
+                if not _movable(error):
+                    raise
+                tried.add(replica.address)
+                if not isinstance(error, UpstreamError) or error.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self.replicas.mark_failed(replica, str(error))
+                continue
+            self.session, self.replica = session, replica
+            if not first_open:
+                log.info("target session moved to %s with %d tokens", replica.address, len(prompt))
+            return first
+
+    def _lost(self, error: Exception) -> None:
+        log.warning("target replica %s lost mid-request (%s); moving the session", self.replica.address, error)
+        self.replicas.mark_failed(self.replica, str(error))
+        self.session.close()
+        self.session = None
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+
+
+async def _pick(replicas: ReplicaSet, tried: set[str], deadline: float):
+    """A healthy replica not tried yet; waits (up to the deadline) for one to appear."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return replicas.pick(exclude=frozenset(tried))
+        except Unavailable:
+            if loop.time() >= deadline:
+                raise
+            if tried and not [r for r in replicas.healthy() if r.address not in tried]:
+                tried.clear()  # every replica was tried: a recovered one may take it now
+            await asyncio.sleep(0.2)
+
+
+class FailoverDraftProposer:
+    """A remote draft (token or feature draft) over a set of draft replicas.
+
+    `make` builds the remote proposer for one replica's stub. Never fails a request
+    for a draft's sake: without a draft replica it proposes nothing (plain steps) and
+    tries again at most every `retry_every_s`."""
+
+    def __init__(self, replicas: ReplicaSet, make: Callable[[object], RemoteDraftProposer], needs_target_hidden_states: bool,
+                 retry_every_s: float = 1.0):
+        self.replicas = replicas
+        self.make = make
+        self.retry_every_s = retry_every_s
+        self.inner: RemoteDraftProposer | None = None
+        self.replica = None
+        self.needs_target_hidden_states = needs_target_hidden_states
+        self.history: list[common_pb2.HiddenStates] = []  # every row the target sent, for a new replica
+        self.failovers = 0
+        self._forward_passes_before = 0  # of replicas lost
+        self._start_args: tuple[list[int], SamplingConfig, int] | None = None
+        self._next_try = 0.0
+        self.last_compute_ms = 0.0
+
+    @property
+    def forward_passes(self) -> int:
+        return self._forward_passes_before + (self.inner.forward_passes if self.inner else 0)
+
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
+        self._start_args = (list(prompt), sampling, seed)
+        await self._open()
+
+    def observe_target_hidden_states(self, hidden) -> None:
+        self.history.append(hidden)
+        if self.inner is not None:
+            self.inner.observe_target_hidden_states(hidden)
+
+    async def propose(self, sequence: list[int], k: int) -> Proposal:
+        if self.inner is None:
+            loop = asyncio.get_running_loop()
+            if loop.time() < self._next_try or not await self._open():
+                return Proposal([])
+            self.failovers += 1
+        try:
+            proposal = await race_failure(self.inner.propose(sequence, k), self.replica)
+        except (UpstreamError, ReplicaFailed) as error:
+            if not _movable(error):
+                raise
+            log.warning("draft replica %s lost mid-request (%s); plain steps until another takes over", self.replica.address, error)
+            self.replicas.mark_failed(self.replica, str(error))
+            self._drop()
+            return Proposal([])
+        self.last_compute_ms = self.inner.last_compute_ms
+        return proposal
+
+    async def _open(self) -> bool:
+        """A session on some healthy draft replica, caught up with the request; False if none."""
+        prompt, sampling, seed = self._start_args
+        tried: set[str] = set()
+        while True:
+            try:
+                replica = self.replicas.pick(exclude=frozenset(tried))
+            except Unavailable:
+                self._next_try = asyncio.get_running_loop().time() + self.retry_every_s
+                return False
+            inner = self.make(replica.stub)
+            try:
+                await race_failure(inner.start(prompt, sampling, seed), replica)
+            except (UpstreamError, ReplicaFailed) as error:
+                inner.close()
+                if not _movable(error):
+                    raise
+                tried.add(replica.address)
+                continue
+            if self.needs_target_hidden_states and self.history:
+                inner.observe_target_hidden_states(hidden_states.concat(self.history))
+            self.inner, self.replica = inner, replica
+            return True
+
+    def _drop(self) -> None:
+        self._forward_passes_before += self.inner.forward_passes
+        self.inner.close()
+        self.inner = None
+        self._next_try = 0.0
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()

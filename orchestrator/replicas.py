@@ -1,0 +1,229 @@
+"""The replicas of one service: discovery, health, load, placement.
+
+An address names a service: `dns:///name:port` means every address the name
+resolves to, re-resolved every few seconds (docker-compose and Kubernetes headless
+services resolve a service name to all of its replicas); `file:PATH` means the
+addresses listed in that file, one per line, re-read as often (for whatever
+writes such a file: a config management tool, a test); `host:port,host:port`
+is a static list. Each replica has its own channel and is polled with GetInfo,
+which answers on the service's event loop even while its model computes: the
+poll is the health check and the load report (active sessions, limit). A new
+session goes to the healthy replica with the lowest load; a replica that stops
+answering is marked failed, and every session on it is told at once (its
+`failed` event), so requests fail over without waiting out their own timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from specserve.core.errors import Unavailable
+from specserve.serving.grpc_server import CHANNEL_OPTIONS
+from specserve.v1 import model_service_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReplicaTiming:
+    """How often replicas are looked for and polled, and how long a poll may take."""
+
+    resolve_every_s: float = 5.0
+    poll_every_s: float = 0.5
+    poll_timeout_s: float = 1.0
+    # Consecutive failed polls before a replica that answered before counts as failed.
+    failures_to_fail: int = 2
+
+
+def parse_addresses(spec: str) -> tuple[str, str | list[str]]:
+    """("dns", "name:port") | ("file", path) | ("static", [addresses])."""
+    spec = spec.strip()
+    if spec.startswith("dns:///"):
+        return "dns", spec.removeprefix("dns:///")
+    if spec.startswith("file:"):
+        return "file", spec.removeprefix("file:")
+    return "static", [a.strip() for a in spec.split(",") if a.strip()]
+
+
+@dataclass(eq=False)
+class Replica:
+    address: str
+    channel: grpc.aio.Channel
+    stub: object
+    info: model_service_pb2.ModelInfo | None = None
+    healthy: bool = False
+    failed_polls: int = 0
+    # Sessions this orchestrator placed here since the last poll counted them.
+    placed_since_poll: int = 0
+    # Set when the replica is seen failing; sessions on it fail over. Replaced when it recovers.
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def load(self) -> float:
+        """Share of the replica's session limit in use, by its last report and our placements since."""
+        if self.info is None:
+            return 0.0
+        return (self.info.active_sessions + self.placed_since_poll) / max(1, self.info.max_sessions)
+
+    @property
+    def full(self) -> bool:
+        return self.info is not None and self.info.active_sessions + self.placed_since_poll >= self.info.max_sessions
+
+
+class ReplicaSet:
+    """Every replica of one service, kept current by a background task (`run`)."""
+
+    def __init__(self, name: str, spec: str, make_stub: Callable[[grpc.aio.Channel], object],
+                 timing: ReplicaTiming = ReplicaTiming()):
+        self.name = name
+        self.kind, self.where = parse_addresses(spec)
+        self.make_stub = make_stub
+        self.timing = timing
+        self.replicas: dict[str, Replica] = {}
+        self.changed = asyncio.Event()  # set whenever a replica becomes healthy
+        self.last_info: model_service_pb2.ModelInfo | None = None
+
+    # -- placement -------------------------------------------------------------------------
+    def healthy(self) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.healthy]
+
+    def info(self) -> model_service_pb2.ModelInfo | None:
+        """What the replicas last said about their model (replicas of a service serve one
+        model); None until one has answered."""
+        return self.last_info
+
+    def pick(self, exclude: frozenset[str] = frozenset()) -> Replica:
+        """The least-loaded healthy replica not in `exclude` that has room for a session."""
+        candidates = [r for r in self.healthy() if r.address not in exclude and not r.full]
+        if not candidates:
+            raise Unavailable(f"no healthy {self.name} replica has room for a session; retry shortly")
+        replica = min(candidates, key=lambda r: (r.load, r.address))
+        replica.placed_since_poll += 1
+        return replica
+
+    async def wait_healthy(self, timeout_s: float | None = None) -> model_service_pb2.ModelInfo:
+        """Blocks until some replica answers; its model facts."""
+        async def wait() -> model_service_pb2.ModelInfo:
+            while not self.healthy():
+                self.changed.clear()
+                await self.changed.wait()
+            return self.last_info
+        return await asyncio.wait_for(wait(), timeout_s)
+
+    # -- discovery and health ----------------------------------------------------------------
+    async def run(self) -> None:
+        """Resolves and polls forever (cancel to stop); closes every channel when stopped."""
+        try:
+            resolved_at = -float("inf")
+            loop = asyncio.get_running_loop()
+            while True:
+                if loop.time() - resolved_at >= self.timing.resolve_every_s:
+                    await self._refresh_addresses()
+                    resolved_at = loop.time()
+                await asyncio.gather(*(self._poll(r) for r in list(self.replicas.values())))
+                await asyncio.sleep(self.timing.poll_every_s)
+        finally:
+            for replica in self.replicas.values():
+                await replica.channel.close()
+
+    async def _refresh_addresses(self) -> None:
+        if self.kind == "dns":
+            addresses = await self._resolve(self.where)
+        elif self.kind == "file":
+            try:
+                lines = Path(self.where).read_text().splitlines()
+            except OSError as error:
+                log.warning("cannot read the %s replicas' file (%s)", self.name, error)
+                lines = []
+            addresses = [a for a in (line.split("#")[0].strip() for line in lines) if a]
+        else:
+            addresses = list(self.where)
+        if not addresses and self.kind != "static":
+            return  # a failed lookup keeps what we know
+        for address in addresses:
+            if address not in self.replicas:
+                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                self.replicas[address] = Replica(address, channel, self.make_stub(channel))
+                log.info("%s replica %s added", self.name, address)
+        for address in [a for a in self.replicas if a not in addresses]:
+            # Gone from DNS: no new sessions; sessions on it go on until it fails or they end.
+            replica = self.replicas.pop(address)
+            log.info("%s replica %s removed", self.name, address)
+            asyncio.get_running_loop().call_later(60, lambda c=replica.channel: asyncio.ensure_future(c.close()))
+
+    async def _resolve(self, host_port: str) -> list[str]:
+        host, _, port = host_port.rpartition(":")
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except OSError as error:
+            log.warning("cannot resolve %s (%s)", host_port, error)
+            return []
+        found = []
+        for family, *_, sockaddr in infos:
+            ip = sockaddr[0]
+            address = f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}"
+            if address not in found:
+                found.append(address)
+        return sorted(found)
+
+    async def _poll(self, replica: Replica) -> None:
+        try:
+            info = await replica.stub.GetInfo(model_service_pb2.GetInfoRequest(), timeout=self.timing.poll_timeout_s)
+        except grpc.aio.AioRpcError as error:
+            replica.failed_polls += 1
+            never_answered = replica.info is None
+            if replica.healthy and replica.failed_polls >= self.timing.failures_to_fail:
+                replica.healthy = False
+                replica.failed.set()
+                log.warning("%s replica %s failed (%s)", self.name, replica.address, error.code().name)
+            elif never_answered and replica.failed_polls == 1:
+                log.info("waiting for %s replica %s (%s)", self.name, replica.address, error.code().name)
+            return
+        replica.info = info
+        self.last_info = info
+        replica.placed_since_poll = 0
+        replica.failed_polls = 0
+        if not replica.healthy:
+            if replica.failed.is_set():
+                replica.failed = asyncio.Event()
+            replica.healthy = True
+            log.info("%s replica %s is serving (%d/%d sessions)", self.name, replica.address,
+                     info.active_sessions, info.max_sessions)
+            self.changed.set()
+
+    def mark_failed(self, replica: Replica, reason: str) -> None:
+        """A session saw the replica fail (its stream broke): no new sessions until a poll succeeds."""
+        if replica.healthy:
+            replica.healthy = False
+            replica.failed.set()
+            log.warning("%s replica %s failed (%s)", self.name, replica.address, reason)
+
+
+async def race_failure(operation, replica: Replica):
+    """Awaits `operation` unless the replica fails first; then raises ReplicaFailed."""
+    task = asyncio.ensure_future(operation)
+    failed = asyncio.ensure_future(replica.failed.wait())
+    try:
+        done, _ = await asyncio.wait({task, failed}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise ReplicaFailed(f"replica {replica.address} stopped answering health polls")
+    finally:
+        failed.cancel()
+        if not task.done():
+            task.cancel()
+
+
+class ReplicaFailed(Exception):
+    """The replica a session was on is gone; the session must move."""
