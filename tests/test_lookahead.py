@@ -211,3 +211,28 @@ def test_lookahead_near_the_end_of_the_context(tiny_target):
     prompt = list(range(100, 100 + tiny_target.max_context_tokens - 12))
     tokens, _ = run_lookahead(tiny_target, prompt, LookaheadShape(8, 5, 4), max_new=40)
     assert len(tokens) == 12 and tokens == plain_greedy(tiny_target, prompt, 12)
+
+
+def test_sampled_lookahead_step_follows_the_target_distribution(tiny_target):
+    """Through the target's whole step (mask, rows, acceptance): the token after the pending one
+    is distributed as the target's warped distribution there, whatever the candidates."""
+    from specserve.core.sampling import warp
+    from specserve.runtime.lookahead_worker import lookahead_step
+    from specserve.runtime.workers import TargetWorker
+
+    prompt, pending = [1, 5, 9, 200], 7
+    sampling = SamplingConfig(temperature=0.7, top_k=5)
+    with torch.inference_mode():
+        expected = warp(tiny_target.model(torch.tensor([prompt + [pending]])).logits[0, -1], sampling)  # [V]
+    top = torch.topk(expected, 5).indices.tolist()
+    candidates = [[top[0], 3, 4], [top[1]], [top[0], 8], [top[3], 2]]
+    counts = torch.zeros_like(expected)
+    worker = TargetWorker(tiny_target)
+    worker.start(prompt, sampling, seed=0)
+    trials = 1200
+    for _ in range(trials):
+        result = lookahead_step(worker, len(prompt), pending, [[11, 12, 13]], candidates)
+        counts[result.verdict.tokens[0]] += 1
+        assert worker.kv.length == len(prompt) + 1 + result.verdict.accepted
+        worker.kv.rollback(len(prompt))  # the same step again; the random stream goes on
+    assert total_variation(counts, expected) < 0.06  # noise at 1.2k trials over 5 outcomes: ~0.025
