@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast protos up clean
+.PHONY: install demo test test-fast fuzz soak protos up clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,16 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# 10,000 fuzzed requests against the API and 10,000 raw payloads against each service's wire.
+fuzz: install
+	SPECSERVE_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q tests/test_fuzz.py
+
+# SOAK_MINUTES of SOAK_STREAMS streams at the session limit; figures in RELIABILITY.md.
+SOAK_MINUTES ?= 30
+SOAK_STREAMS ?= 16
+soak: install
+	$(BIN)/python -m specserve.bench.soak --minutes $(SOAK_MINUTES) --streams $(SOAK_STREAMS) --out soak.json
 
 protos: install
 	$(BIN)/python -m specserve.protogen

@@ -18,15 +18,17 @@ returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 
-from orchestrator.replicas import ReplicaFailed, ReplicaSet, race_failure
+from orchestrator.replicas import AdmissionQueue, ReplicaFailed, ReplicasFull, ReplicaSet, race_failure
 from orchestrator.upstream import RemoteDraftProposer, RemoteTargetSession
 from specserve.core.acceptance import Verdict
-from specserve.core.errors import Unavailable
+from specserve.core.errors import ResourceExhausted, Unavailable
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import Proposal
 from specserve.serving import hidden_states
@@ -44,19 +46,37 @@ MOVABLE = frozenset({
 WAIT_FOR_REPLICA_S = 10.0
 
 
-def _movable(error: Exception) -> bool:
+@dataclass(frozen=True)
+class SessionPolicy:
+    """Time limits of one request's upstream sessions."""
+
+    # The client's deadline (event loop time), propagated to every stream; None: none.
+    deadline: float | None = None
+    # An op a replica has not answered in this long counts as that replica failing
+    # (a wedged model thread still answers health polls).
+    op_timeout_s: float = 60.0
+
+    def stream_timeout_s(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - asyncio.get_running_loop().time())
+
+
+def _movable(error: BaseException) -> bool:
+    """The replica failed, not the request: the session should move."""
     return isinstance(error, ReplicaFailed) or (isinstance(error, UpstreamError) and error.code in MOVABLE)
 
 
 class FailoverTargetSession:
     """The core loop's TargetSession over a set of target replicas."""
 
-    def __init__(self, replicas: ReplicaSet):
+    def __init__(self, replicas: ReplicaSet, admission: AdmissionQueue | None = None, policy: SessionPolicy = SessionPolicy()):
         self.replicas = replicas
+        self.admission = admission or AdmissionQueue()
+        self.policy = policy
         self.session: RemoteTargetSession | None = None
         self.replica = None
         self.record: list[int] = []  # the tokens the target's cache holds
         self.failovers = 0
+        self.closed = False  # the request is over: a session that opens now closes at once
         self._start_args: tuple[SamplingConfig, int, bool] | None = None
 
     @property
@@ -90,7 +110,9 @@ class FailoverTargetSession:
     async def _call(self, op: Callable[[RemoteTargetSession], Awaitable], committed_len: int):
         while True:
             try:
-                return await race_failure(op(self.session), self.replica)
+                return await race_failure(asyncio.wait_for(op(self.session), self.policy.op_timeout_s), self.replica)
+            except asyncio.TimeoutError:
+                self._lost(f"no answer within {self.policy.op_timeout_s:.0f} s")
             except (UpstreamError, ReplicaFailed) as error:
                 if not _movable(error):
                     raise
@@ -103,48 +125,69 @@ class FailoverTargetSession:
         """A session on a healthy replica holding `prompt`; the token it generated after it."""
         sampling, seed, return_hidden = self._start_args
         tried: set[str] = set()
-        deadline = asyncio.get_running_loop().time() + WAIT_FOR_REPLICA_S
         while True:
-            replica = await _pick(self.replicas, tried, deadline)
-            session = RemoteTargetSession(replica.stub)
+            replica = await self._pick(tried)
+            session = RemoteTargetSession(replica.stub, self.policy.stream_timeout_s())
             try:
-                first = await race_failure(session.start(prompt, sampling, seed, return_hidden), replica)
-            except (UpstreamError, ReplicaFailed) as error:
+                first = await race_failure(asyncio.wait_for(session.start(prompt, sampling, seed, return_hidden),
+                                                            self.policy.op_timeout_s), replica)
+            except BaseException as error:  # a cancelled request too: its half-open stream must not leak
                 session.close()
-                if not _movable(error):
+                self.replicas.release(replica)
+                if not (isinstance(error, asyncio.TimeoutError) or _movable(error)):
                     raise
                 tried.add(replica.address)
-                if not isinstance(error, UpstreamError) or error.code != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    self.replicas.mark_failed(replica, str(error))
+                # Full (another request took the last slot) or refused before the start op went out:
+                # the replica is alive, so wait like for any full replica; else it failed.
+                alive = isinstance(error, UpstreamError) and (error.code == grpc.StatusCode.RESOURCE_EXHAUSTED or error.unsent)
+                if not alive:
+                    self.replicas.mark_failed(replica, str(error) or "no answer")
                 continue
+            if self.closed:  # the request ended while this session opened
+                session.close()
+                self.replicas.release(replica)
+                raise asyncio.CancelledError()
             self.session, self.replica = session, replica
             if not first_open:
                 log.info("target session moved to %s with %d tokens", replica.address, len(prompt))
             return first
 
-    def _lost(self, error: Exception) -> None:
+    async def _pick(self, tried: set[str]):
+        """A healthy replica with room, not tried yet. Waits up to WAIT_FOR_REPLICA_S for a
+        healthy replica, and in the admission queue while every replica is full."""
+        loop = asyncio.get_running_loop()
+        unhealthy_until = loop.time() + WAIT_FOR_REPLICA_S
+        async with contextlib.AsyncExitStack() as queue:
+            queued_until = None
+            while True:
+                try:
+                    return self.replicas.pick(exclude=frozenset(tried))
+                except ReplicasFull:
+                    if queued_until is None:
+                        queued_until = await queue.enter_async_context(self.admission.place())
+                    elif loop.time() >= queued_until:
+                        raise ResourceExhausted(
+                            f"every target replica is at its session limit and stayed so for {self.admission.wait_s:.0f} s; "
+                            "retry in a few seconds", retry_after_ms=2000) from None
+                except Unavailable:
+                    if loop.time() >= unhealthy_until:
+                        raise
+                if tried and not [r for r in self.replicas.healthy() if r.address not in tried]:
+                    tried.clear()  # every replica was tried: one may take the session now
+                await asyncio.sleep(0.05)
+
+    def _lost(self, error: Exception | str) -> None:
         log.warning("target replica %s lost mid-request (%s); moving the session", self.replica.address, error)
         self.replicas.mark_failed(self.replica, str(error))
-        self.session.close()
-        self.session = None
+        self.close()
+        self.closed = False  # only this replica's session ended; the request goes on
 
     def close(self) -> None:
+        self.closed = True
         if self.session is not None:
             self.session.close()
-
-
-async def _pick(replicas: ReplicaSet, tried: set[str], deadline: float):
-    """A healthy replica not tried yet; waits (up to the deadline) for one to appear."""
-    loop = asyncio.get_running_loop()
-    while True:
-        try:
-            return replicas.pick(exclude=frozenset(tried))
-        except Unavailable:
-            if loop.time() >= deadline:
-                raise
-            if tried and not [r for r in replicas.healthy() if r.address not in tried]:
-                tried.clear()  # every replica was tried: a recovered one may take it now
-            await asyncio.sleep(0.2)
+            self.replicas.release(self.replica)
+            self.session = None
 
 
 class FailoverDraftProposer:
@@ -154,9 +197,10 @@ class FailoverDraftProposer:
     for a draft's sake: without a draft replica it proposes nothing (plain steps) and
     tries again at most every `retry_every_s`."""
 
-    def __init__(self, replicas: ReplicaSet, make: Callable[[object], RemoteDraftProposer], needs_target_hidden_states: bool,
-                 retry_every_s: float = 1.0):
+    def __init__(self, replicas: ReplicaSet, make: Callable[[object, float | None], RemoteDraftProposer],
+                 needs_target_hidden_states: bool, policy: SessionPolicy = SessionPolicy(), retry_every_s: float = 1.0):
         self.replicas = replicas
+        self.policy = policy
         self.make = make
         self.retry_every_s = retry_every_s
         self.inner: RemoteDraftProposer | None = None
@@ -168,6 +212,7 @@ class FailoverDraftProposer:
         self._start_args: tuple[list[int], SamplingConfig, int] | None = None
         self._next_try = 0.0
         self.last_compute_ms = 0.0
+        self.closed = False  # the request is over: a session that opens now closes at once
 
     @property
     def forward_passes(self) -> int:
@@ -189,9 +234,10 @@ class FailoverDraftProposer:
                 return Proposal([])
             self.failovers += 1
         try:
-            proposal = await race_failure(self.inner.propose(sequence, k), self.replica)
-        except (UpstreamError, ReplicaFailed) as error:
-            if not _movable(error):
+            proposal = await race_failure(asyncio.wait_for(self.inner.propose(sequence, k), self.policy.op_timeout_s),
+                                          self.replica)
+        except (UpstreamError, ReplicaFailed, asyncio.TimeoutError) as error:
+            if not (isinstance(error, asyncio.TimeoutError) or _movable(error)):
                 raise
             log.warning("draft replica %s lost mid-request (%s); plain steps until another takes over", self.replica.address, error)
             self.replicas.mark_failed(self.replica, str(error))
@@ -207,29 +253,38 @@ class FailoverDraftProposer:
         while True:
             try:
                 replica = self.replicas.pick(exclude=frozenset(tried))
-            except Unavailable:
+            except (Unavailable, ReplicasFull):
+                # No draft (or every draft replica full): plain steps now, another try later.
                 self._next_try = asyncio.get_running_loop().time() + self.retry_every_s
                 return False
-            inner = self.make(replica.stub)
+            inner = self.make(replica.stub, self.policy.stream_timeout_s())
             try:
-                await race_failure(inner.start(prompt, sampling, seed), replica)
-            except (UpstreamError, ReplicaFailed) as error:
+                await race_failure(asyncio.wait_for(inner.start(prompt, sampling, seed), self.policy.op_timeout_s), replica)
+            except BaseException as error:  # a cancelled request too: its half-open stream must not leak
                 inner.close()
-                if not _movable(error):
+                self.replicas.release(replica)
+                if not (isinstance(error, asyncio.TimeoutError) or _movable(error)):
                     raise
                 tried.add(replica.address)
                 continue
+            if self.closed:  # the request ended while this session opened (e.g. its target start failed)
+                inner.close()
+                self.replicas.release(replica)
+                return False
             if self.needs_target_hidden_states and self.history:
                 inner.observe_target_hidden_states(hidden_states.concat(self.history))
             self.inner, self.replica = inner, replica
             return True
 
     def _drop(self) -> None:
-        self._forward_passes_before += self.inner.forward_passes
-        self.inner.close()
-        self.inner = None
+        self.close()
+        self.closed = False  # only this replica's session ended; the request goes on
         self._next_try = 0.0
 
     def close(self) -> None:
+        self.closed = True
         if self.inner is not None:
+            self._forward_passes_before += self.inner.forward_passes
             self.inner.close()
+            self.replicas.release(self.replica)
+            self.inner = None

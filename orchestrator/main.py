@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 from orchestrator import requests
-from orchestrator.replicas import ReplicaSet
+from orchestrator.replicas import AdmissionQueue, ReplicaSet
 from orchestrator.servicer import OrchestratorServicer, Upstreams
 from specserve.core.lookahead import LookaheadShape
 from specserve.core.ngram_pool import InMemoryNgramPool
@@ -15,6 +15,10 @@ from specserve.core.tree import MAX_TREE_NODES, TreeShape
 from specserve.runtime.models import DEFAULT_MODEL, load_tokenizer
 from specserve.serving.grpc_server import run_server
 from specserve.serving.options import env_default, run_or_exit
+from specserve.serving.security import (
+    BearerTokenInterceptor, add_auth_arguments, add_server_tls_arguments, add_upstream_tls_arguments, load_tokens, server_tls,
+    upstream_tls,
+)
 from specserve.v1 import draft_pb2_grpc, orchestrator_pb2 as pb, orchestrator_pb2_grpc, target_pb2_grpc
 
 DEFAULT_PORT = 50051
@@ -49,6 +53,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="nodes of a tree level expanded further [env SPECSERVE_TREE_WIDTH]")
     parser.add_argument("--tree-branch", type=int, default=env_default("SPECSERVE_TREE_BRANCH", TreeShape.branch),
                         help="children drafted per expanded node [env SPECSERVE_TREE_BRANCH]")
+    parser.add_argument("--max-queued", type=int, default=env_default("SPECSERVE_MAX_QUEUED", 256),
+                        help="requests that may wait for a target session while every replica is full; more get "
+                             "RESOURCE_EXHAUSTED [env SPECSERVE_MAX_QUEUED]")
+    parser.add_argument("--queue-timeout-s", type=float, default=env_default("SPECSERVE_QUEUE_TIMEOUT_S", 30.0),
+                        help="how long a request waits for a session before RESOURCE_EXHAUSTED [env SPECSERVE_QUEUE_TIMEOUT_S]")
+    parser.add_argument("--op-timeout-s", type=float, default=env_default("SPECSERVE_OP_TIMEOUT_S", 60.0),
+                        help="a replica that takes longer over one op counts as failed and the session moves "
+                             "[env SPECSERVE_OP_TIMEOUT_S]")
+    add_server_tls_arguments(parser)
+    add_auth_arguments(parser)
+    add_upstream_tls_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -70,9 +85,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -> None:
+    tls = upstream_tls(args)
+    credentials = tls.credentials() if tls else None
     upstreams = Upstreams(
-        target=ReplicaSet("target", args.target, target_pb2_grpc.TargetServiceStub),
-        draft=ReplicaSet("draft", args.draft, draft_pb2_grpc.DraftServiceStub) if args.draft else None,
+        target=ReplicaSet("target", args.target, target_pb2_grpc.TargetServiceStub, credentials=credentials),
+        draft=ReplicaSet("draft", args.draft, draft_pb2_grpc.DraftServiceStub, credentials=credentials) if args.draft else None,
     )
     # Discovery and health polls run for the server's lifetime.
     watchers = [asyncio.create_task(replicas.run()) for replicas in (upstreams.target, upstreams.draft) if replicas]
@@ -82,7 +99,8 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
 
         redis_client = redis.from_url(args.redis_url, socket_connect_timeout=0.25, socket_timeout=0.5)
     pool = None if args.redis_url == "off" else InMemoryNgramPool()
-    servicer = OrchestratorServicer(upstreams, tokenizer, limits, pool=pool)
+    servicer = OrchestratorServicer(upstreams, tokenizer, limits, pool=pool,
+                                    admission=AdmissionQueue(args.max_queued, args.queue_timeout_s), op_timeout_s=args.op_timeout_s)
 
     async def wait_ready() -> None:
         # SERVING only once a target replica answers (and a draft replica, when configured).
@@ -100,7 +118,9 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
         return [pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name]
 
     try:
-        await run_server(register, args.host, args.port, wait_ready=wait_ready, with_reflection=True)
+        tokens = load_tokens(args)
+        await run_server(register, args.host, args.port, wait_ready=wait_ready, with_reflection=True, tls=server_tls(args),
+                         interceptors=[BearerTokenInterceptor(tokens)] if tokens else [])
     finally:
         for watcher in watchers:
             watcher.cancel()

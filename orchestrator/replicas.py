@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from specserve.core.errors import Unavailable
+from specserve.core.errors import ResourceExhausted, Unavailable
 from specserve.serving.grpc_server import CHANNEL_OPTIONS
 from specserve.v1 import model_service_pb2
 
@@ -61,29 +61,35 @@ class Replica:
     info: model_service_pb2.ModelInfo | None = None
     healthy: bool = False
     failed_polls: int = 0
-    # Sessions this orchestrator placed here since the last poll counted them.
-    placed_since_poll: int = 0
+    # Sessions this orchestrator holds there now (placed and not yet released), and the
+    # sessions others (other orchestrators) held at the last poll: together the load,
+    # current for our own sessions rather than as old as the last poll.
+    ours: int = 0
+    others: int = 0
     # Set when the replica is seen failing; sessions on it fail over. Replaced when it recovers.
     failed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
+    def sessions(self) -> int:
+        return self.others + self.ours
+
+    @property
     def load(self) -> float:
-        """Share of the replica's session limit in use, by its last report and our placements since."""
-        if self.info is None:
-            return 0.0
-        return (self.info.active_sessions + self.placed_since_poll) / max(1, self.info.max_sessions)
+        """Share of the replica's session limit in use."""
+        return self.sessions / max(1, self.info.max_sessions) if self.info else 0.0
 
     @property
     def full(self) -> bool:
-        return self.info is not None and self.info.active_sessions + self.placed_since_poll >= self.info.max_sessions
+        return self.info is not None and self.sessions >= self.info.max_sessions
 
 
 class ReplicaSet:
     """Every replica of one service, kept current by a background task (`run`)."""
 
     def __init__(self, name: str, spec: str, make_stub: Callable[[grpc.aio.Channel], object],
-                 timing: ReplicaTiming = ReplicaTiming()):
+                 timing: ReplicaTiming = ReplicaTiming(), credentials: grpc.ChannelCredentials | None = None):
         self.name = name
+        self.credentials = credentials  # TLS (mutual, with a client certificate) to every replica; None: plaintext
         self.kind, self.where = parse_addresses(spec)
         self.make_stub = make_stub
         self.timing = timing
@@ -101,13 +107,22 @@ class ReplicaSet:
         return self.last_info
 
     def pick(self, exclude: frozenset[str] = frozenset()) -> Replica:
-        """The least-loaded healthy replica not in `exclude` that has room for a session."""
-        candidates = [r for r in self.healthy() if r.address not in exclude and not r.full]
+        """The least-loaded healthy replica not in `exclude` that has room for a session.
+        Raises Unavailable when no replica is healthy, ReplicasFull when all are full."""
+        healthy = [r for r in self.healthy() if r.address not in exclude]
+        if not healthy:
+            raise Unavailable(f"no healthy {self.name} replica; retry shortly")
+        candidates = [r for r in healthy if not r.full]
         if not candidates:
-            raise Unavailable(f"no healthy {self.name} replica has room for a session; retry shortly")
+            raise ReplicasFull(f"every {self.name} replica holds its limit of sessions")
         replica = min(candidates, key=lambda r: (r.load, r.address))
-        replica.placed_since_poll += 1
+        replica.ours += 1
         return replica
+
+    @staticmethod
+    def release(replica: Replica) -> None:
+        """A session placed by `pick` has ended (or never opened)."""
+        replica.ours = max(0, replica.ours - 1)
 
     async def wait_healthy(self, timeout_s: float | None = None) -> model_service_pb2.ModelInfo:
         """Blocks until some replica answers; its model facts."""
@@ -150,7 +165,8 @@ class ReplicaSet:
             return  # a failed lookup keeps what we know
         for address in addresses:
             if address not in self.replicas:
-                channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+                channel = (grpc.aio.secure_channel(address, self.credentials, options=CHANNEL_OPTIONS) if self.credentials
+                           else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
                 self.replicas[address] = Replica(address, channel, self.make_stub(channel))
                 log.info("%s replica %s added", self.name, address)
         for address in [a for a in self.replicas if a not in addresses]:
@@ -189,7 +205,8 @@ class ReplicaSet:
             return
         replica.info = info
         self.last_info = info
-        replica.placed_since_poll = 0
+        # Ours that had not opened yet are not in the count: others is never below 0.
+        replica.others = max(0, info.active_sessions - replica.ours)
         replica.failed_polls = 0
         if not replica.healthy:
             if replica.failed.is_set():
@@ -223,7 +240,35 @@ async def race_failure(operation, replica: Replica):
         failed.cancel()
         if not task.done():
             task.cancel()
+            # The operation may still end with its own error (its stream was closed under it): nobody waits for it.
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 class ReplicaFailed(Exception):
     """The replica a session was on is gone; the session must move."""
+
+
+class ReplicasFull(Exception):
+    """Every healthy replica holds as many sessions as it accepts."""
+
+
+class AdmissionQueue:
+    """Requests waiting for a target session while every replica is full: at most
+    `max_waiting` of them, each for at most `wait_s`; beyond either, RESOURCE_EXHAUSTED
+    with a retry hint. Going over a limit never looks like a server fault."""
+
+    def __init__(self, max_waiting: int = 256, wait_s: float = 30.0):
+        self.max_waiting = max_waiting
+        self.wait_s = wait_s
+        self.waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def place(self):
+        if self.waiting >= self.max_waiting:
+            raise ResourceExhausted(f"every replica is at its session limit and {self.waiting} requests are waiting; "
+                                    "retry in a few seconds", retry_after_ms=2000)
+        self.waiting += 1
+        try:
+            yield asyncio.get_running_loop().time() + self.wait_s
+        finally:
+            self.waiting -= 1

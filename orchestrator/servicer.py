@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -10,8 +11,8 @@ from dataclasses import dataclass
 import grpc
 
 from orchestrator import requests
-from orchestrator.failover import FailoverDraftProposer, FailoverTargetSession
-from orchestrator.replicas import ReplicaSet
+from orchestrator.failover import FailoverDraftProposer, FailoverTargetSession, SessionPolicy
+from orchestrator.replicas import AdmissionQueue, ReplicaSet
 from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer
 from specserve.core.adaptive import SpeculationLength
 from specserve.core.errors import Unavailable
@@ -45,11 +46,14 @@ class Upstreams:
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
-    def __init__(self, upstreams: Upstreams, tokenizer, limits: requests.Limits, pool: NgramPool | None):
+    def __init__(self, upstreams: Upstreams, tokenizer, limits: requests.Limits, pool: NgramPool | None,
+                 admission: AdmissionQueue | None = None, op_timeout_s: float = 60.0):
         self.upstreams = upstreams
         self.tokenizer = tokenizer
         self.limits = limits
         self.pool = pool
+        self.admission = admission or AdmissionQueue()  # requests waiting for a target session
+        self.op_timeout_s = op_timeout_s
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         began = time.perf_counter()
@@ -58,8 +62,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             if info is None:
                 raise Unavailable("the target service has not answered yet; retry shortly")
             job = requests.parse(request, self.tokenizer, self.limits, info.max_context_tokens, self.upstreams.draft is not None)
-            target = FailoverTargetSession(self.upstreams.target)
-            proposer = self._proposer(job)
+            remaining_s = context.time_remaining()  # the client's deadline, propagated to every upstream stream
+            loop = asyncio.get_running_loop()
+            policy = SessionPolicy(None if remaining_s is None else loop.time() + remaining_s, self.op_timeout_s)
+            target = FailoverTargetSession(self.upstreams.target, self.admission, policy)
+            proposer = self._proposer(job, policy)
             speculation = SpeculationLength(job.k, k_max=self.limits.max_speculative_tokens, fixed=job.fixed_length) if job.k else None
             decoding = DecodeRequest(
                 prompt=job.prompt_ids,
@@ -130,7 +137,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                 if self.pool is not None and generated:
                     record_sequence(self.pool, job.prompt_ids + generated)  # never blocks
 
-    def _proposer(self, job: requests.Job):
+    def _proposer(self, job: requests.Job, policy: SessionPolicy):
         if job.method == pb.DRAFT_MODEL:
             info = self.upstreams.draft_info
             if info is None:
@@ -140,10 +147,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             # prompt lookup adds its continuation as one more branch.
             if info.needs_target_hidden_states:
                 shape = self.limits.tree_shape(job.tree_nodes)
-                feature_draft = FailoverDraftProposer(self.upstreams.draft, lambda stub: RemoteFeatureDraftProposer(stub, shape),
-                                                      needs_target_hidden_states=True)
+                feature_draft = FailoverDraftProposer(
+                    self.upstreams.draft, lambda stub, timeout_s: RemoteFeatureDraftProposer(stub, shape, timeout_s),
+                    needs_target_hidden_states=True, policy=policy)
                 return WithLookupBranch(feature_draft)
-            return FailoverDraftProposer(self.upstreams.draft, RemoteDraftProposer, needs_target_hidden_states=False)
+            return FailoverDraftProposer(self.upstreams.draft, RemoteDraftProposer, needs_target_hidden_states=False, policy=policy)
         if job.method == pb.PROMPT_LOOKUP:
             use_pool = self.pool is not None and (job.sampling.greedy or job.seed is None)  # see Generate
             return PromptLookupProposer(fallback=lookup_fallback(self.pool) if use_pool else None)

@@ -38,13 +38,19 @@ class _Stream:
     async def request(self, message):
         try:
             await self.call.write(message)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
+            # The stream ended before the op went out: the service refused the session (full) or
+            # dropped it. gRPC may report only "Internal error from Core" here; the stream's own
+            # status, when it has one, says which.
+            code = await self.call.code()
+            if code in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED):
+                code = grpc.StatusCode.UNAVAILABLE
+            raise UpstreamError(code, f"{self.name} service ended the session before the op was sent: "
+                                      f"{await self.call.details()}", unsent=True) from error
+        try:
             response = await self.call.read()
         except grpc.aio.AioRpcError as error:
             raise UpstreamError(error.code(), f"{self.name} service: {error.details()}") from error
-        except asyncio.InvalidStateError as error:  # the stream had already ended (its service died)
-            code = await self.call.code()
-            code = grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.OK else code
-            raise UpstreamError(code, f"{self.name} service ended the session: {await self.call.details()}") from error
         if response is grpc.aio.EOF:
             code = await self.call.code()
             raise UpstreamError(code, f"{self.name} service ended the session: {await self.call.details()}")
@@ -56,15 +62,18 @@ class _Stream:
 
 
 class RemoteTargetSession:
-    def __init__(self, stub: target_pb2_grpc.TargetServiceStub):
+    """timeout_s: the stream's deadline (the client's, propagated); None: none."""
+
+    def __init__(self, stub: target_pb2_grpc.TargetServiceStub, timeout_s: float | None = None):
         self.stub = stub
+        self.timeout_s = timeout_s
         self.stream: _Stream | None = None
         self.last_compute_ms = 0.0
         # The last response's HiddenStates message, when the start op asked for them.
         self.last_hidden_states: common_pb2.HiddenStates | None = None
 
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> int:
-        self.stream = _Stream("target", self.stub.Session())
+        self.stream = _Stream("target", self.stub.Session(timeout=self.timeout_s))
         start = target_pb2.TargetStart(prompt_token_ids=prompt, sampling=_sampling_proto(sampling), seed=seed,
                                        return_hidden_states=return_hidden_states)
         response = await self._request(target_pb2.TargetRequest(op_id=self.stream.op_id(), start=start))
@@ -100,15 +109,18 @@ class RemoteTargetSession:
 
 
 class RemoteDraftProposer:
-    def __init__(self, stub: draft_pb2_grpc.DraftServiceStub):
+    """timeout_s: the stream's deadline (the client's, propagated); None: none."""
+
+    def __init__(self, stub: draft_pb2_grpc.DraftServiceStub, timeout_s: float | None = None):
         self.stub = stub
+        self.timeout_s = timeout_s
         self.stream: _Stream | None = None
         self.tracker = DraftSequenceTracker()
         self.forward_passes = 0
         self.last_compute_ms = 0.0
 
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
-        self.stream = _Stream("draft", self.stub.Session())
+        self.stream = _Stream("draft", self.stub.Session(timeout=self.timeout_s))
         start = draft_pb2.DraftStart(prompt_token_ids=prompt, sampling=_sampling_proto(sampling), seed=seed)
         response = await self.stream.request(draft_pb2.DraftRequest(op_id=self.stream.op_id(), start=start))
         self.forward_passes += response.forward_passes
@@ -141,8 +153,8 @@ class RemoteFeatureDraftProposer(RemoteDraftProposer):
 
     needs_target_hidden_states = True
 
-    def __init__(self, stub: draft_pb2_grpc.DraftServiceStub, tree: TreeShape | None = None):
-        super().__init__(stub)
+    def __init__(self, stub: draft_pb2_grpc.DraftServiceStub, tree: TreeShape | None = None, timeout_s: float | None = None):
+        super().__init__(stub, timeout_s)
         self.pending: list[common_pb2.HiddenStates] = []  # not yet sent, in order
         self.tree = tree if tree is not None and tree.nodes > 0 else None
         self.drafts_trees = False  # decided per request, at start

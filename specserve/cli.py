@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -56,9 +57,10 @@ def _lookahead_fields(text: str | None) -> dict:
 def cmd_generate(args: argparse.Namespace) -> int:
     from specserve.client import connect, describe, generate
 
-    channel, stub = connect(args.address)
+    channel, stub = connect(args.address, tls_ca=args.tls_ca or None)
     with channel:
-        result = generate(stub, _request(args, args.prompt, args.method), on_text=lambda t: print(t, end="", flush=True))
+        result = generate(stub, _request(args, args.prompt, args.method), on_text=lambda t: print(t, end="", flush=True),
+                          token=os.environ.get("SPECSERVE_AUTH_TOKEN") or None)
     print()
     print(describe(result.stats), file=sys.stderr)
     return 0
@@ -76,6 +78,8 @@ def _stack_flags(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads per service, 0 = torch's default (use 1 when the cores are shared with other work)")
     parser.add_argument("--log-dir", type=Path, default=None, help="write each service's log here")
+    parser.add_argument("--auth-token-file", type=Path, default=None,
+                        help="the orchestrator requires a bearer token listed in this file (or set SPECSERVE_AUTH_TOKEN)")
     parser.add_argument("--target-replicas", type=int, default=1, help="target service processes behind the orchestrator")
     parser.add_argument("--draft-replicas", type=int, default=1, help="draft service processes behind the orchestrator")
     add_tree_flags(parser)
@@ -97,7 +101,8 @@ def _stack_config(args: argparse.Namespace):
     return StackConfig(target_model=args.target_model, draft_model=args.draft_model or None, dtype=args.dtype,
                        port=args.port, redis=args.redis, default_method=args.default_method, threads=args.threads,
                        log_dir=args.log_dir, tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch,
-                       target_replicas=args.target_replicas, draft_replicas=args.draft_replicas)
+                       target_replicas=args.target_replicas, draft_replicas=args.draft_replicas,
+                       auth_token_file=args.auth_token_file)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -172,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="stream one generation from a running orchestrator")
     p.add_argument("prompt")
     p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--tls-ca", default="", help="speak TLS, checking the server against this CA file")
     _add_generation_flags(p)
     p.add_argument("--tree-nodes", dest="request_tree_nodes", type=int, default=None,
                    help="nodes of a feature draft's trees (greedy only), 0 = chains; default: the server's")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -63,8 +64,13 @@ class Generation:
     messages: int = 0
 
 
-def connect(address: str) -> tuple[grpc.Channel, orchestrator_pb2_grpc.OrchestratorStub]:
-    channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def connect(address: str, tls_ca: str | None = None) -> tuple[grpc.Channel, orchestrator_pb2_grpc.OrchestratorStub]:
+    """A channel to the orchestrator: plaintext, or TLS checked against the CA file `tls_ca`."""
+    if tls_ca:
+        credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+        channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+    else:
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
     return channel, orchestrator_pb2_grpc.OrchestratorStub(channel)
 
 
@@ -73,10 +79,13 @@ def generate(
     request: pb.GenerateRequest,
     on_text: Callable[[str], None] | None = None,
     timeout_s: float | None = None,
+    token: str | None = None,
 ) -> Generation:
-    """Runs one request to the end, calling on_text with each piece of text as it arrives."""
+    """Runs one request to the end, calling on_text with each piece of text as it arrives.
+    `token`: the bearer token, when the server requires one."""
     result = Generation()
-    for response in stub.Generate(request, timeout=timeout_s):
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    for response in stub.Generate(request, timeout=timeout_s, metadata=metadata):
         result.messages += 1
         result.token_ids.extend(response.token_ids)
         result.text += response.text

@@ -63,6 +63,7 @@ class StackConfig:
     # moves a session when its replica dies.
     target_replicas: int = 1
     draft_replicas: int = 1
+    auth_token_file: Path | None = None  # the orchestrator requires a token listed there
 
     def __post_init__(self) -> None:
         if self.target_replicas < 1 or self.draft_replicas < 1:
@@ -131,6 +132,7 @@ class Stack:
             "--redis-url", self.redis_url or ("off" if c.redis == "off" else ""),
             "--default-method", c.default_method, "--tree-nodes", str(c.tree_nodes), "--tree-width", str(c.tree_width),
             "--tree-branch", str(c.tree_branch),
+            *(["--auth-token-file", str(c.auth_token_file)] if c.auth_token_file else []),
         ])
         for name, address, process in services:
             self._wait(name, address, 600, process)

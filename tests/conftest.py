@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from specserve.launcher import Stack, StackConfig, free_port
-from specserve.runtime.models import load_model, load_tokenizer
+from specserve.loading import load_model
+from specserve.runtime.models import load_tokenizer
 
 VOCAB = 49152  # SmolLM2's tokenizer, so the orchestrator can tokenize real text
 
@@ -184,3 +185,36 @@ def plain_greedy(target, prompt: list[int], n: int) -> list[int]:
     while len(out) < n:
         out += worker.verify(len(prompt) + len(out) - 1, [out[-1]], None).tokens
     return out[:n]
+
+
+def oracle_tree_decode(target, prompt: list[int], n: int, plain: list[int], seed: int = 0) -> tuple[list[int], int]:
+    """Greedy decoding by verifying random trees that hold plain decoding's continuation among
+    distractor siblings and children; (tokens, accepted proposals)."""
+    import random
+
+    from specserve.core.sampling import SamplingConfig
+    from specserve.core.tree import DraftTree
+    from specserve.runtime.workers import TargetWorker
+
+    rng = random.Random(seed)
+    worker = TargetWorker(target)
+    out = [worker.start(prompt, SamplingConfig(), 0)]
+    accepted = 0
+    while len(out) < n:
+        tokens, parents, parent = [], [], -1
+        for true_token in plain[len(out):len(out) + rng.randint(0, 4)]:
+            for _ in range(rng.randint(0, 2)):  # distractor siblings before the truth
+                tokens.append(rng.randrange(target.vocab_size))
+                parents.append(parent)
+            tokens.append(true_token)
+            parents.append(parent)
+            parent = len(tokens) - 1
+            tokens.append(rng.randrange(target.vocab_size))  # a distractor child
+            parents.append(parent)
+        sequence = prompt + out
+        verdict = worker.verify_tree(len(sequence) - 1, sequence[-1], DraftTree(tokens, parents))
+        assert worker.kv.length == len(sequence) + verdict.accepted
+        accepted += verdict.accepted
+        out += verdict.tokens
+    worker.close()
+    return out[:n], accepted

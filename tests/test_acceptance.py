@@ -124,3 +124,18 @@ def test_two_step_chain_matches_target_joint_distribution():
     # A second token exists when the first proposal was accepted; given that, it is the
     # outcome of a fresh step at position 2 and must follow the target's second row.
     assert total_variation(second, P[1]) < 0.03
+
+
+@pytest.mark.parametrize("temperature", [1.17549435e-38, 1e-30, 3.0e38])
+def test_extreme_temperatures_give_a_distribution(temperature):
+    """Found by fuzzing: a temperature near 0 made inf / inf = nan. Near 0 it is the argmax
+    (one-hot); huge, it is uniform."""
+    from specserve.core.sampling import SamplingConfig, warp
+
+    logits = torch.tensor([[2.0, 5.0, -1.0, 5.0 - 1e-3]])  # [1, V]
+    probs = warp(logits, SamplingConfig(temperature=temperature))  # [1, V]
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(1))
+    if temperature < 1:
+        assert probs[0].tolist() == [0.0, 1.0, 0.0, 0.0]
+    else:
+        assert torch.allclose(probs, torch.full_like(probs, 0.25))

@@ -11,7 +11,7 @@ from specserve.core.proposers import PromptLookupProposer
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DecodeRequest, DraftSequenceTracker, Finish, decode
 from specserve.runtime.local import LocalDraftProposer, LocalTargetSession
-from specserve.runtime.models import load_model
+from specserve.loading import load_model
 
 PROMPTS = [[1, 504, 3000, 77, 504, 3000], [9, 9, 9, 9], list(range(100, 160))]
 

@@ -7,7 +7,8 @@ import torch
 
 from specserve.client import build_request, connect, generate
 from specserve.launcher import Stack, StackConfig
-from specserve.runtime.models import default_draft_model, load_model, load_tokenizer
+from specserve.loading import load_model
+from specserve.runtime.models import default_draft_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
 

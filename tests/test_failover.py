@@ -15,9 +15,8 @@ import time
 import grpc
 import pytest
 
-from orchestrator.replicas import ReplicaSet, ReplicaTiming
+from orchestrator.replicas import ReplicasFull, ReplicaSet, ReplicaTiming
 from specserve.client import build_request, connect, generate
-from specserve.core.errors import Unavailable
 from specserve.launcher import Stack, StackConfig, free_port, wait_serving
 from specserve.v1 import model_service_pb2, target_pb2, target_pb2_grpc
 
@@ -121,7 +120,9 @@ def test_placement_prefers_the_least_loaded_replica_and_finds_new_ones(tiny_targ
             try:
                 info = await replicas.wait_healthy(timeout_s=30)
                 assert isinstance(info, model_service_pb2.ModelInfo)
-                assert replicas.pick().address == addresses[0]  # the only one listed
+                only = replicas.pick()
+                assert only.address == addresses[0]  # the only one listed
+                replicas.release(only)
                 # A replica added while running is found and, less loaded, gets the next sessions.
                 listing.write_text("\n".join(addresses) + "\n")
                 began = time.monotonic()
@@ -133,7 +134,7 @@ def test_placement_prefers_the_least_loaded_replica_and_finds_new_ones(tiny_targ
                 assert [replicas.pick().address for _ in range(3)] == [addresses[1]] * 3
                 # Four sessions apiece is both replicas' limit: one more each, then none.
                 assert {replicas.pick().address, replicas.pick().address} == set(addresses)
-                with pytest.raises(Unavailable):
+                with pytest.raises(ReplicasFull):
                     replicas.pick()
                 # A replica that dies is seen failing and gets no more sessions.
                 processes[1].send_signal(signal.SIGKILL)

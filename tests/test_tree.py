@@ -361,7 +361,7 @@ def test_workers_refuse_trees_when_sampling(tiny_target, feature_draft):
 
 def test_a_token_draft_service_refuses_trees(tiny_draft_dir):
     from draft_service.servicer import DraftServicer
-    from specserve.runtime.models import load_model
+    from specserve.loading import load_model
     from specserve.serving.model_host import ModelHost
 
     host = ModelHost(load_model(str(tiny_draft_dir)), max_sessions=1)

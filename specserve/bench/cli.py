@@ -132,7 +132,8 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
     """Runs the interleaved comparison; returns the stack's address ('' without one)."""
     from specserve.bench.runners.distributed import DistributedRunner
     from specserve.launcher import Stack, StackConfig
-    from specserve.runtime.models import load_model, load_tokenizer
+    from specserve.loading import load_model
+    from specserve.runtime.models import load_tokenizer
 
     if not modes:
         return ""

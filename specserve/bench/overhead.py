@@ -22,7 +22,8 @@ from specserve.bench.records import RunRecord
 from specserve.bench.runners.distributed import DistributedRunner
 from specserve.bench.runners.in_process import InProcessRunner
 from specserve.launcher import Stack, StackConfig
-from specserve.runtime.models import load_model, load_tokenizer
+from specserve.loading import load_model
+from specserve.runtime.models import load_tokenizer
 
 SIM_TOKENIZER = "smollm2"  # the simulated vocabulary is SmolLM2's
 

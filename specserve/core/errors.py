@@ -10,7 +10,16 @@ class FailedPrecondition(RuntimeError):
 
 
 class ResourceExhausted(RuntimeError):
-    """A limit is reached, e.g. sessions per service (maps to RESOURCE_EXHAUSTED)."""
+    """A limit is reached, e.g. sessions per service (maps to RESOURCE_EXHAUSTED).
+    `retry_after_ms`, when known, travels as trailing metadata `retry-after-ms`."""
+
+    def __init__(self, message: str, retry_after_ms: int | None = None):
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class DeadlineExceeded(RuntimeError):
+    """The caller's deadline passed before the work was done (maps to DEADLINE_EXCEEDED)."""
 
 
 class Unavailable(RuntimeError):

@@ -98,7 +98,7 @@ async def decode_lookahead(target: LookaheadTarget, request: DecodeRequest, shap
         if len(levels) + shape.window - 1 > room:
             levels = [levels[0][:room]]  # near the end of the context: one short level, not kept
         verdict, next_level = await target.lookahead(len(sequence) - 1, sequence[-1], levels, candidates)
-        if levels is window.levels:
+        if levels is window.levels and len(next_level) == shape.window:  # else the window stands still
             for ngram in window.update(next_level):
                 proposals.local.add(ngram)
         if stats.steps is not None:

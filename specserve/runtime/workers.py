@@ -2,6 +2,8 @@
 
 The services run these in a worker thread; the in-process engine calls them
 directly. Token ids arrive unchecked from the network, so they are checked here.
+Target and token-draft workers see a model only through the engine interface
+(`runtime/engine.py`); the feature draft's worker runs its PyTorch module directly.
 """
 
 from __future__ import annotations
@@ -15,16 +17,15 @@ from specserve.core.distributions import to_sparse
 from specserve.core.errors import FailedPrecondition, InvalidArgument
 from specserve.core.sampling import SamplingConfig, make_generator, next_token, warp
 from specserve.core.tree import DraftTree, TreeShape, accept_greedy_tree, ancestor_mask
-from specserve.runtime.kv import KVSession
-from specserve.runtime.models import LoadedModel
+from specserve.runtime.engine import Engine, tree_fallback_path
 
 SparseRow = tuple[list[int], list[float]]
 
 
 class _SessionBase:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: Engine):
         self.loaded = loaded
-        self.kv = KVSession(loaded.model)
+        self.kv = loaded.new_session()
         self.sampling = SamplingConfig()
         self.generator: torch.Generator | None = None
         self.started = False
@@ -38,6 +39,10 @@ class _SessionBase:
         self.sampling = sampling
         self.generator = make_generator(seed)
         self.started = True
+
+    def close(self) -> None:
+        """Frees the session's cache (the stream ended)."""
+        self.kv.close()
 
     def _check_started(self) -> None:
         if not self.started:
@@ -62,13 +67,16 @@ class TargetWorker(_SessionBase):
     feature draft reads.
     """
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: Engine):
         super().__init__(loaded)
         self.return_hidden_states = False
         self.last_hidden_states: torch.Tensor | None = None
 
     def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> int:
         self._begin(prompt, sampling, seed)
+        if return_hidden_states and not self.loaded.returns_hidden_states:
+            raise InvalidArgument(f"return_hidden_states: the {self.loaded.engine_name} engine does not return hidden "
+                                  "states (serve the target on the torch engine for a feature draft)")
         self.return_hidden_states = return_hidden_states
         logits = self._extend(prompt, logits_for=1)  # [1, V]
         return next_token(logits[0], self.sampling, self.generator)
@@ -101,10 +109,10 @@ class TargetWorker(_SessionBase):
             self.last_hidden_states = self.last_hidden_states[: 1 + verdict.accepted]  # [1 + accepted, H]
         return verdict
 
-    @torch.inference_mode()
     def verify_tree(self, committed_len: int, pending: int, tree: DraftTree) -> Verdict:
         """Scores the pending token and every node of a tree in one forward pass (tree attention)
-        and keeps the longest path the target agrees with. Greedy decoding only."""
+        and keeps the longest path the target agrees with. Greedy decoding only. An engine
+        without tree attention verifies the tree's first-listed path as a chain instead."""
         self._check_started()
         if not self.sampling.greedy:
             raise InvalidArgument("parents: a tree is verified greedily only; a sampled request proposes chains")
@@ -116,15 +124,17 @@ class TargetWorker(_SessionBase):
         if committed_len + 1 + tree.depth > self.loaded.max_context_tokens:
             raise InvalidArgument(f"token_ids: a tree of depth {tree.depth} after {committed_len + 1} tokens exceeds "
                                   f"the context window of {self.loaded.max_context_tokens}")
+        if not self.loaded.supports_trees:
+            chain = [tree.tokens[i] for i in tree_fallback_path(tree.parents)]
+            return self.verify(committed_len, [pending, *chain], None)
         positions = [committed_len + d for d in [0, *tree.depths()]]
-        base = self.kv.model.model  # the decoder without its head: hidden states for every node
-        hidden = self.kv.extend_masked(token_ids, positions, ancestor_mask(tree), module=base).last_hidden_state[0]  # [n+1, H]
-        logits = self.kv.model.lm_head(hidden).float().cpu()  # [n+1, V]
+        logits, hidden = self.kv.extend_tree(token_ids, positions, ancestor_mask(tree),
+                                             return_hidden=self.return_hidden_states)  # [n+1, V], [n+1, H]
         verdict, path = accept_greedy_tree(logits, tree)
         kept = [0] + [1 + i for i in path]  # the pending token and the accepted nodes
         self.kv.keep(committed_len, kept)
         if self.return_hidden_states:
-            self.last_hidden_states = hidden[kept].cpu()  # [1 + accepted, H]
+            self.last_hidden_states = hidden[kept]  # [1 + accepted, H]
         return verdict
 
 
@@ -135,7 +145,7 @@ class DraftWorker(_SessionBase):
     The cache holds all of it but the last proposal (never fed back).
     """
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: Engine):
         super().__init__(loaded)
         self.held: list[int] = []
         self.forward_passes = 0
@@ -186,9 +196,10 @@ class FeatureDraftWorker(_SessionBase):
     the target's hidden state at the position before; its cache holds one pair
     (h[j-1], x[j]) per such token. Proposals are never kept: they were drafted from
     predicted hidden states, so each call rolls the cache back to true pairs.
+    Needs the PyTorch engine (its session's module and cache are called directly).
     """
 
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: Engine):
         super().__init__(loaded)
         self.held: list[int] = []
         self.forward_passes = 0

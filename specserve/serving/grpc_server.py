@@ -6,13 +6,17 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from specserve.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented
+from specserve.core.errors import (
+    DeadlineExceeded, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, Unimplemented,
+)
+from specserve.serving.security import ServerTls
+from specserve.serving.wire import MalformedRequestInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +37,17 @@ _STATUS = {
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 
 class UpstreamError(Exception):
     """A call to another service failed; carries its status to our caller."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, unsent: bool = False):
         super().__init__(message)
         self.code = code
+        self.unsent = unsent  # the op never reached the service (its stream had already ended)
 
 
 @contextlib.asynccontextmanager
@@ -50,6 +56,9 @@ async def status_on_error(context: grpc.aio.ServicerContext) -> AsyncIterator[No
     try:
         yield
     except tuple(_STATUS) as error:
+        retry_after_ms = getattr(error, "retry_after_ms", None)
+        if retry_after_ms is not None:
+            context.set_trailing_metadata((("retry-after-ms", str(retry_after_ms)),))
         await context.abort(_STATUS[type(error)], str(error))
     except UpstreamError as error:
         await context.abort(error.code, str(error))
@@ -84,14 +93,19 @@ async def run_server(
     port: int,
     wait_ready: Callable[[], Awaitable[None]] | None = None,
     with_reflection: bool = False,
+    tls: ServerTls | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> None:
     """Serves until SIGINT/SIGTERM. `register` adds servicers and returns their full names.
 
     Health says NOT_SERVING until `wait_ready` (e.g. "the upstream services answer")
-    completes, then SERVING.
+    completes, then SERVING. With `tls`, the port speaks TLS only (mutual TLS when it
+    names a client CA); `interceptors` see every call (e.g. bearer-token checks).
     """
     # No SO_REUSEPORT: a second server on a taken port must fail, not share its traffic.
-    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
+    # Undecodable requests get INVALID_ARGUMENT first; then the caller's interceptors (e.g. tokens).
+    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+                             interceptors=[MalformedRequestInterceptor(), *interceptors])
     names = register(server)
     health_servicer = health.aio.HealthServicer()
     # The servicer starts with the overall status SERVING; say NOT_SERVING until ready.
@@ -99,11 +113,12 @@ async def run_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if with_reflection:
         reflection.enable_server_reflection([*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"cannot listen on {host}:{port}")
     await server.start()
-    log.info("listening on %s:%d (%s)", host, bound, ", ".join(names))
+    log.info("listening on %s:%d%s (%s)", host, bound, " with TLS" if tls else "", ", ".join(names))
     async def become_ready() -> None:
         if wait_ready is not None:
             await wait_ready()

@@ -10,7 +10,7 @@ from typing import TypeVar
 import torch
 
 from specserve.core.sampling import SamplingConfig
-from specserve.runtime.models import LoadedModel
+from specserve.runtime.engine import Engine
 from specserve.serving.grpc_server import SessionLimit, status_on_error
 from specserve.v1 import common_pb2, model_service_pb2
 
@@ -24,7 +24,7 @@ class ModelHost:
     forward pass), and the event loop stays free to move messages.
     """
 
-    def __init__(self, loaded: LoadedModel, max_sessions: int, threads: int | None = None):
+    def __init__(self, loaded: Engine, max_sessions: int, threads: int | None = None):
         self.loaded = loaded
         self.sessions = SessionLimit(max_sessions)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -63,8 +63,9 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
     """
     import logging
 
-    from specserve.runtime.models import load_model
+    from specserve.loading import load_model
     from specserve.serving.grpc_server import run_server
+    from specserve.serving.security import server_tls
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
     if not args.model:
@@ -75,7 +76,7 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
         add_to_server(make_servicer(host), server)
         return [service.full_name]
 
-    asyncio.run(run_server(register, args.host, args.port))
+    asyncio.run(run_server(register, args.host, args.port, tls=server_tls(args)))
 
 
 class SessionServicer:
@@ -98,8 +99,12 @@ class SessionServicer:
         async with status_on_error(context):
             with self.host.sessions.hold():
                 worker = self.new_worker()
-                async for request in request_iterator:
-                    yield await self._handle(worker, request)
+                try:
+                    async for request in request_iterator:
+                        yield await self._handle(worker, request)
+                finally:
+                    # On the model thread: an op of this session may still be running there.
+                    await self.host.run(worker.close)
 
     def new_worker(self):
         return self.worker_class(self.host.loaded)

@@ -30,6 +30,9 @@ def add_model_service_arguments(parser: argparse.ArgumentParser, role: str, port
                         help=f"sessions held at once; more get RESOURCE_EXHAUSTED [env {prefix}MAX_SESSIONS]")
     parser.add_argument("--threads", type=int, default=env_default("SPECSERVE_THREADS", 0),
                         help="torch CPU threads, 0 = torch's default [env SPECSERVE_THREADS]")
+    from specserve.serving.security import add_server_tls_arguments
+
+    add_server_tls_arguments(parser)
 
 
 def run_or_exit(run: Callable[[argparse.Namespace], None], args: argparse.Namespace, prog: str) -> None:

@@ -1,0 +1,89 @@
+"""The engine interface: what the workers need from a model, and nothing more.
+
+An `Engine` is a loaded model with its facts; each request gets one `EngineSession`
+from it: one sequence's KV cache that grows by chains or trees and shrinks by rollback
+or compaction to an accepted path. The workers (`runtime/workers.py`), the acceptance
+rules and every method see only this, so any engine serves them alike:
+
+- `torch` (`runtime/models.py` + `runtime/kv.py`): PyTorch, any device, every method
+  (hidden states for feature drafts, trees, drafts with restricted vocabularies);
+- `llama.cpp` (`runtime/llama_engine.py`): the GGUF file through llama-cpp-python, fast
+  on CPU; chains, no hidden states (see that module for what it serves).
+
+Logits always come back as float32 tensors on the CPU: acceptance and sampling run
+there, with CPU random generators.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class EngineSession(Protocol):
+    """One sequence's KV cache. `length` is the number of tokens in it; `vocab_ids` maps a
+    restricted-vocabulary draft's output index to its token id (None: the identity)."""
+
+    length: int
+    vocab_ids: torch.Tensor | None
+
+    def extend(self, token_ids: list[int], logits_for: int = 1) -> torch.Tensor:
+        """Appends a chain; float32 CPU logits [logits_for, V_out] of its last positions."""
+
+    def extend_with_hidden(self, token_ids: list[int], logits_for: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like `extend`, plus the last hidden state (after the final norm) of every new
+        position: (logits [logits_for, V_out], hidden [n, H] on the CPU). Only engines whose
+        `returns_hidden_states` is true."""
+
+    def extend_tree(self, token_ids: list[int], positions: list[int], visible: torch.Tensor,
+                    return_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Appends tokens that do not form a chain (tree nodes): new token i sits at position
+        `positions[i]` and sees every cached token before the last m slots plus the new
+        tokens j with visible[i, j] (visible: [n, m] bool over the last m slots after this
+        call, m >= n). Returns float32 CPU logits [n, V_out] of every new token and, when
+        asked, hidden [n, H]. Only engines whose `supports_trees` is true."""
+
+    def keep(self, start: int, offsets: list[int]) -> None:
+        """Keeps slots start + offsets[i] (ascending) at start + i and drops everything after:
+        the accepted path of a tree becomes a plain sequence."""
+
+    def rollback(self, length: int) -> None:
+        """Keeps the first `length` tokens; ValueError if the cache holds fewer."""
+
+    def close(self) -> None:
+        """Frees the cache (a session is not used after this)."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded model and the facts the services report about it."""
+
+    engine_name: str  # "torch", "llama.cpp"
+    spec: str  # the model specification it was loaded from
+    vocab_size: int  # token ids the model accepts
+    max_context_tokens: int
+    eos_token_ids: frozenset[int]
+    hidden_size: int
+    dtype_name: str  # "float32", "bfloat16", "Q4_1", ...
+    returns_hidden_states: bool  # extend_with_hidden / extend_tree(return_hidden=True) work
+    supports_trees: bool  # extend_tree works
+    needs_target_hidden_states: bool  # a feature draft: drafts from the target's hidden states
+
+    def new_session(self) -> EngineSession:
+        """An empty KV cache for one request."""
+
+
+def tree_fallback_path(parents: list[int]) -> list[int]:
+    """The nodes of one root-to-leaf path of a tree (parents[i] < i, -1 = a child of the
+    root): at each depth the first-listed child, which a drafter lists likeliest first.
+    An engine without tree attention verifies this chain instead of the whole tree."""
+    path: list[int] = []
+    node = -1
+    while True:
+        child = next((i for i in range(node + 1, len(parents)) if parents[i] == node), None)
+        if child is None:
+            return path
+        path.append(child)
+        node = child
