@@ -124,7 +124,9 @@ def test_reads_stay_within_budget_while_redis_is_down_and_the_pool_comes_back(ow
             pool.put((2000 + i,), [i])
             await asyncio.sleep(0.005)
         assert await pool.get((7,)) == [(8, 9)]  # the local pool still answers
-        assert slowest < 0.05, slowest  # the budget is 2 ms; a wait for Redis would be 500 ms
+        # The budget is 2 ms; waiting for Redis would take its 500 ms timeout. The bound leaves room
+        # for a busy machine's scheduling, not for a wait on Redis.
+        assert slowest < 0.25, slowest
         if outage == "pause":
             own_redis.resume()
         else:
