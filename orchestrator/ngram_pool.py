@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import redis.asyncio as redis
 
@@ -41,8 +41,10 @@ def _unpack(data: bytes) -> Key:
 class RedisNgramPool:
     def __init__(self, client: redis.Redis, namespace: str, per_key: int = 8, max_keys: int = 500_000,
                  ttl_s: int = 86400, read_budget_s: float = 0.002, refresh_s: float = 2.0, op_timeout_s: float = 0.5,
-                 retry_s: float = 1.0, flush_interval_s: float = 0.05, max_pending: int = 20_000, local_keys: int = 100_000):
+                 retry_s: float = 1.0, flush_interval_s: float = 0.05, max_pending: int = 20_000, local_keys: int = 100_000,
+                 on_lookup: Callable[[bool], None] | None = None):
         self.client = client
+        self.on_lookup = on_lookup  # told whether each read found a continuation (metrics)
         self.prefix = f"specserve:ngram:v2:{namespace}:".encode()
         self.index_key = self.prefix + b"index"  # sorted set: key -> time of its last write
         self.per_key = per_key
@@ -75,7 +77,10 @@ class RedisNgramPool:
             task = self._inflight.get(key) or self._fetch(key)
             if task is not None:
                 await asyncio.wait({task}, timeout=self.read_budget_s)
-        return list(self.local.peek(key) or ())
+        found = list(self.local.peek(key) or ())
+        if self.on_lookup is not None:
+            self.on_lookup(bool(found))
+        return found
 
     def prefetch(self, keys: Sequence[Key]) -> None:
         """Starts fetching keys a request will soon read, without waiting."""

@@ -92,22 +92,32 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                 steps = decode_lookahead(target, decoding, job.lookahead, pool)
             else:
                 steps = decode(target, proposer, decoding)
+            accepted_so_far = proposed_so_far = 0
             try:
                 async for chunk in steps:
                     if first_token_ms is None:
                         first_token_ms = (time.perf_counter() - began) * 1e3
                     generated.extend(chunk.tokens)
-                    text = stops.push(detokenizer.push(chunk.tokens))
+                    # A verification's accepted proposals come first in its chunk; their text is
+                    # detokenized apart so that clients can tell them from the target's own token.
+                    accepted = min(decoding.stats.accepted_tokens - accepted_so_far, len(chunk.tokens))
+                    accepted_so_far = decoding.stats.accepted_tokens
+                    accepted_text = stops.push(detokenizer.push(chunk.tokens[:accepted])) if accepted else ""
+                    text = accepted_text + stops.push(detokenizer.push(chunk.tokens[accepted:]))
+                    marks = dict(accepted_tokens=accepted, accepted_text_length=len(accepted_text),
+                                 proposed_tokens=decoding.stats.proposed_tokens - proposed_so_far)
+                    proposed_so_far = decoding.stats.proposed_tokens
                     finish = Finish.STOP if stops.stopped else chunk.finish
                     if finish is None:
                         if chunk.tokens:
-                            yield pb.GenerateResponse(token_ids=chunk.tokens, text=text)
+                            yield pb.GenerateResponse(token_ids=chunk.tokens, text=text, **marks)
                         continue
                     text += stops.push(detokenizer.flush()) + stops.flush()
                     stats = decoding.stats
                     yield pb.GenerateResponse(
                         token_ids=chunk.tokens,
                         text=text,
+                        **marks,
                         finish_reason=FINISH[finish],
                         stats=pb.GenerationStats(
                             prompt_tokens=len(job.prompt_ids),

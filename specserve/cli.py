@@ -82,6 +82,9 @@ def _stack_flags(parser: argparse.ArgumentParser, port: int) -> None:
                         help="the orchestrator requires a bearer token listed in this file (or set SPECSERVE_AUTH_TOKEN)")
     parser.add_argument("--target-replicas", type=int, default=1, help="target service processes behind the orchestrator")
     parser.add_argument("--draft-replicas", type=int, default=1, help="draft service processes behind the orchestrator")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also start the OpenAI-compatible gateway (and its page) on this port")
+    parser.add_argument("--metrics", action="store_true", help="every gRPC service serves Prometheus metrics on a free port")
     add_tree_flags(parser)
 
 
@@ -102,7 +105,7 @@ def _stack_config(args: argparse.Namespace):
                        port=args.port, redis=args.redis, default_method=args.default_method, threads=args.threads,
                        log_dir=args.log_dir, tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch,
                        target_replicas=args.target_replicas, draft_replicas=args.draft_replicas,
-                       auth_token_file=args.auth_token_file)
+                       auth_token_file=args.auth_token_file, http_port=args.http_port, metrics=args.metrics)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -114,6 +117,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     with Stack(_stack_config(args)) as stack:
         print(f"specserve is up: orchestrator at {stack.address} (Ctrl-C stops everything)", flush=True)
+        if stack.http_address:
+            print(f"OpenAI-compatible API at http://{stack.http_address}/v1, the page at http://{stack.http_address}/", flush=True)
+        for name, address in stack.metrics_addresses.items():
+            print(f"{name} metrics at http://{address}/metrics", flush=True)
         try:
             signal.pause()
         except KeyboardInterrupt:
@@ -165,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("target", "target_service.main", "run the target service"),
         ("draft", "draft_service.main", "run the draft service"),
         ("orchestrator", "orchestrator.main", "run the orchestrator"),
+        ("gateway", "specserve.gateway.main", "run the OpenAI-compatible HTTP gateway (and its page, /metrics)"),
     ]:
         p = sub.add_parser(name, help=help_text)
         __import__(module, fromlist=["add_arguments"]).add_arguments(p)

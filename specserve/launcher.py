@@ -43,6 +43,24 @@ def wait_serving(address: str, timeout_s: float, process: subprocess.Popen | Non
             time.sleep(0.2)
 
 
+def wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    """Blocks until GET url answers 200 (the gateway's /health: its orchestrator serves)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the process serving {url} exited with code {process.returncode}")
+        with contextlib.suppress(OSError, urllib.error.URLError):
+            with urllib.request.urlopen(url, timeout=1.0) as response:
+                if response.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 @dataclass
 class StackConfig:
     target_model: str = "smollm2"
@@ -57,6 +75,9 @@ class StackConfig:
     tree_nodes: int = TreeShape.nodes
     tree_width: int = TreeShape.width
     tree_branch: int = TreeShape.branch
+    http_port: int | None = None  # the OpenAI-compatible gateway's; None: no gateway; 0 picks a free one
+    served_model_name: str = "smollm2"  # the name the gateway serves the target model under
+    metrics: bool = False  # every service serves Prometheus metrics on a free port (Stack.metrics_addresses)
     extra_env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None  # None: services log to this process's stderr
     # Processes of each model service; the orchestrator spreads sessions over them and
@@ -80,6 +101,8 @@ class Stack:
         self.target_addresses: list[str] = []
         self.draft_addresses: list[str] = []
         self.redis_url = ""
+        self.http_address = ""  # the gateway's host:port, when it runs
+        self.metrics_addresses: dict[str, str] = {}  # service -> host:port of its /metrics, with config.metrics
         self._tmp = tempfile.TemporaryDirectory(prefix="specserve-")
 
     def __enter__(self) -> "Stack":
@@ -121,7 +144,7 @@ class Stack:
                 address = f"127.0.0.1:{free_port()}"
                 addresses.append(address)
                 process = self._spawn(name, [py, "-m", f"{role}_service", "--model", model, "--dtype", c.dtype,
-                                             "--port", address.rpartition(":")[2]])
+                                             "--port", address.rpartition(":")[2], *self._metrics_flags(name)])
                 services.append((name, address, process))
         port = c.port or free_port()
         self.address = f"127.0.0.1:{port}"
@@ -133,10 +156,24 @@ class Stack:
             "--default-method", c.default_method, "--tree-nodes", str(c.tree_nodes), "--tree-width", str(c.tree_width),
             "--tree-branch", str(c.tree_branch),
             *(["--auth-token-file", str(c.auth_token_file)] if c.auth_token_file else []),
+            *self._metrics_flags("orchestrator"),
         ])
         for name, address, process in services:
             self._wait(name, address, 600, process)
         self._wait("orchestrator", self.address, 120, orchestrator)
+        if c.http_port is not None:
+            http_port = c.http_port or free_port()
+            self.http_address = f"127.0.0.1:{http_port}"
+            gateway = self._spawn("gateway", [py, "-m", "specserve.gateway", "--port", str(http_port), "--orchestrator",
+                                              self.address, "--served-model-name", c.served_model_name])
+            wait_http_ok(f"http://{self.http_address}/health", 60, gateway)
+
+    def _metrics_flags(self, name: str) -> list[str]:
+        if not self.config.metrics:
+            return []
+        port = free_port()
+        self.metrics_addresses[name] = f"127.0.0.1:{port}"
+        return ["--metrics-port", str(port)]
 
     @property
     def target_address(self) -> str:

@@ -218,3 +218,17 @@ def oracle_tree_decode(target, prompt: list[int], n: int, plain: list[int], seed
         out += verdict.tokens
     worker.close()
     return out[:n], accepted
+
+
+@pytest.fixture(scope="session")
+def gateway_stack(tiny_target_dir, redis_url, tmp_path_factory):
+    """The tiny stack with the OpenAI-compatible gateway in front and metrics on every service
+    (test_gateway.py, test_metrics.py, test_page.py). The draft service hosts the target's own
+    model, so greedy proposals are always accepted and the acceptance figures are not zero."""
+    config = StackConfig(
+        target_model=str(tiny_target_dir), draft_model=str(tiny_target_dir), dtype="float32", port=0,
+        redis=redis_url, default_method="prompt_lookup", threads=1, http_port=0, served_model_name="tiny",
+        metrics=True, log_dir=tmp_path_factory.mktemp("gateway-stack-logs"),
+    )
+    with Stack(config) as stack:
+        yield stack

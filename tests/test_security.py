@@ -151,3 +151,32 @@ def test_plaintext_clients_and_clients_without_a_certificate_are_refused(secured
     with grpc.secure_channel(target_address, credentials) as channel:
         info = target_pb2_grpc.TargetServiceStub(channel).GetInfo(model_service_pb2.GetInfoRequest(), timeout=10)
     assert info.vocab_size > 0
+
+
+def test_the_gateway_passes_the_clients_key_on_over_tls(secured_stack, tmp_path):
+    """An OpenAI client's api_key is the bearer token the orchestrator checks; the gateway reaches
+    the orchestrator over TLS."""
+    import openai
+
+    from specserve.launcher import wait_http_ok
+
+    address, _, pki, _ = secured_stack
+    http_port = free_port()
+    with open(tmp_path / "gateway.log", "wb") as log:
+        gateway = subprocess.Popen([sys.executable, "-m", "specserve.gateway", "--port", str(http_port), "--orchestrator", address,
+                                    "--orchestrator-tls-ca", str(pki / "ca.pem"), "--served-model-name", "tiny"],
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{http_port}/health", 60, gateway)  # health needs no token
+        for key in ("wrong-token", TOKEN):
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key=key, max_retries=0)
+            if key != TOKEN:
+                with pytest.raises(openai.AuthenticationError) as error:
+                    client.completions.create(model="tiny", prompt="Hello there", max_tokens=4)
+                assert error.value.status_code == 401 and TOKEN not in str(error.value.body)
+            else:
+                reply = client.completions.create(model="tiny", prompt="Hello there", max_tokens=4, temperature=0)
+                assert reply.usage.completion_tokens == 4
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=20)

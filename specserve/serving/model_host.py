@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -12,6 +14,7 @@ import torch
 from specserve.core.sampling import SamplingConfig
 from specserve.runtime.engine import Engine
 from specserve.serving.grpc_server import SessionLimit, status_on_error
+from specserve.serving.metrics import ModelServiceMetrics, serve_metrics
 from specserve.v1 import common_pb2, model_service_pb2
 
 T = TypeVar("T")
@@ -24,15 +27,36 @@ class ModelHost:
     forward pass), and the event loop stays free to move messages.
     """
 
-    def __init__(self, loaded: Engine, max_sessions: int, threads: int | None = None):
+    def __init__(self, loaded: Engine, max_sessions: int, threads: int | None = None,
+                 metrics: ModelServiceMetrics | None = None):
         self.loaded = loaded
         self.sessions = SessionLimit(max_sessions)
+        self.metrics = metrics
+        # Calls handed to the model thread, and calls it began: one writer each (the event
+        # loop, the model thread), so the difference (the queue) needs no lock.
+        self._submitted = 0
+        self._begun = 0
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         if threads:
             torch.set_num_threads(threads)
 
     async def run(self, fn: Callable[..., T], *args) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        self._submitted += 1
+        future = self._executor.submit(self._begin, fn, *args)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            if future.cancelled():  # the caller went away before the call began: it never will
+                self._submitted -= 1
+
+    def _begin(self, fn: Callable[..., T], *args) -> T:
+        self._begun += 1
+        return fn(*args)
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for the model thread (the one it runs excluded)."""
+        return self._submitted - self._begun
 
     def info(self) -> model_service_pb2.ModelInfo:
         return model_service_pb2.ModelInfo(
@@ -70,7 +94,11 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(message)s")
     if not args.model:
         raise SystemExit(f"{role}: no model given (--model)")
-    host = ModelHost(load_model(args.model, args.dtype, args.device), args.max_sessions, args.threads)
+    metrics = ModelServiceMetrics(role) if getattr(args, "metrics_port", 0) else None
+    host = ModelHost(load_model(args.model, args.dtype, args.device), args.max_sessions, args.threads, metrics)
+    if metrics is not None:
+        metrics.queued.set_function(lambda: host.queued)
+        serve_metrics(metrics.registry, args.host, args.metrics_port)
 
     def register(server) -> list[str]:
         add_to_server(make_servicer(host), server)
@@ -96,12 +124,17 @@ class SessionServicer:
         return self.host.info()
 
     async def Session(self, request_iterator, context):
+        metrics = self.host.metrics
         async with status_on_error(context):
-            with self.host.sessions.hold():
+            with self.host.sessions.hold(), metrics.session() if metrics else contextlib.nullcontext():
                 worker = self.new_worker()
                 try:
                     async for request in request_iterator:
-                        yield await self._handle(worker, request)
+                        began = time.perf_counter()
+                        response = await self._handle(worker, request)
+                        if metrics is not None:
+                            metrics.observe_op(request, time.perf_counter() - began)
+                        yield response
                 finally:
                     # On the model thread: an op of this session may still be running there.
                     await self.host.run(worker.close)

@@ -28,6 +28,8 @@ def add_model_service_arguments(parser: argparse.ArgumentParser, role: str, port
     parser.add_argument("--port", type=int, default=env_default(prefix + "PORT", port), help=f"port [env {prefix}PORT]")
     parser.add_argument("--max-sessions", type=int, default=env_default(prefix + "MAX_SESSIONS", 64),
                         help=f"sessions held at once; more get RESOURCE_EXHAUSTED [env {prefix}MAX_SESSIONS]")
+    parser.add_argument("--metrics-port", type=int, default=env_default(prefix + "METRICS_PORT", 0),
+                        help=f"serve Prometheus metrics over HTTP on this port, 0 = off [env {prefix}METRICS_PORT]")
     parser.add_argument("--threads", type=int, default=env_default("SPECSERVE_THREADS", 0),
                         help="torch CPU threads, 0 = torch's default [env SPECSERVE_THREADS]")
     from specserve.serving.security import add_server_tls_arguments

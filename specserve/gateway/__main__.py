@@ -1,0 +1,3 @@
+from specserve.gateway.main import main
+
+main()
