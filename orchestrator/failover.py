@@ -105,7 +105,15 @@ class FailoverTargetSession:
         self.record = self.record[:committed_len] + [tokens[0], *verdict.tokens[:verdict.accepted]]
         return verdict
 
-    async def _call(self, op: Callable[[RemoteTargetSession], Awaitable[Verdict]], committed_len: int) -> Verdict:
+    async def lookahead(self, committed_len: int, pending: int, levels: list[list[int]],
+                        candidates: list[list[int]]) -> tuple[Verdict, list[int]]:
+        result = await self._call(lambda s: s.lookahead(committed_len, pending, levels, candidates), committed_len)
+        verdict = result[0]
+        # The cache now holds the pending token and the accepted candidate tokens.
+        self.record = self.record[:committed_len] + [pending, *verdict.tokens[:verdict.accepted]]
+        return result
+
+    async def _call(self, op: Callable[[RemoteTargetSession], Awaitable], committed_len: int):
         while True:
             try:
                 return await race_failure(asyncio.wait_for(op(self.session), self.policy.op_timeout_s), self.replica)

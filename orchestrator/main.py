@@ -9,9 +9,10 @@ import logging
 from orchestrator import requests
 from orchestrator.costs import round_trip_ms
 from orchestrator.metered import MeteredOrchestratorServicer
-from orchestrator.ngram_pool import NgramPool
 from orchestrator.replicas import AdmissionQueue, ReplicaSet
 from orchestrator.servicer import OrchestratorServicer, Upstreams
+from specserve.core.lookahead import LookaheadShape
+from specserve.core.ngram_pool import InMemoryNgramPool
 from specserve.core.tree import MAX_TREE_NODES, TreeShape
 from specserve.runtime.models import DEFAULT_MODEL, load_tokenizer
 from specserve.serving.grpc_server import run_server
@@ -38,7 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=env_default("SPECSERVE_TOKENIZER", DEFAULT_MODEL),
                         help="the target model's tokenizer (a model specification) [env SPECSERVE_TOKENIZER]")
     parser.add_argument("--redis-url", default=env_default("SPECSERVE_REDIS_URL", ""),
-                        help="Redis for the shared n-gram pool, '' for none [env SPECSERVE_REDIS_URL]")
+                        help="Redis for the n-gram pool shared by replicas; '' keeps the pool in this process, 'off' "
+                             "disables it [env SPECSERVE_REDIS_URL]")
+    parser.add_argument("--lookahead", default=env_default("SPECSERVE_LOOKAHEAD", _shape_text(LookaheadShape())),
+                        help="LOOKAHEAD's default window,ngram,guesses (W,N,G) [env SPECSERVE_LOOKAHEAD]")
     parser.add_argument("--default-method", default=env_default("SPECSERVE_DEFAULT_METHOD", "prompt_lookup"), choices=sorted(METHODS),
                         help="method for requests that name none [env SPECSERVE_DEFAULT_METHOD]")
     parser.add_argument("--max-new-tokens", type=int, default=env_default("SPECSERVE_MAX_NEW_TOKENS", 4096),
@@ -82,9 +86,10 @@ def run(args: argparse.Namespace) -> None:
             tree_width=args.tree_width,
             tree_branch=args.tree_branch,
             speculation_control=args.speculation_control,
+            lookahead=parse_shape(args.lookahead),
         )
     except ValueError as error:
-        raise SystemExit(f"orchestrator: {error} (--tree-nodes, --tree-width, --tree-branch)") from None
+        raise SystemExit(f"orchestrator: {error} (--tree-nodes, --tree-width, --tree-branch, --lookahead)") from None
     tokenizer = load_tokenizer(args.tokenizer)
     asyncio.run(_serve(args, tokenizer, limits))
 
@@ -99,11 +104,12 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
     # Discovery and health polls run for the server's lifetime.
     watchers = [asyncio.create_task(replicas.run()) for replicas in (upstreams.target, upstreams.draft) if replicas]
     redis_client = None
-    if args.redis_url:
+    if args.redis_url and args.redis_url != "off":
         import redis.asyncio as redis
 
-        redis_client = redis.from_url(args.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
-    options = dict(pool=None, admission=AdmissionQueue(args.max_queued, args.queue_timeout_s), op_timeout_s=args.op_timeout_s)
+        redis_client = redis.from_url(args.redis_url, socket_connect_timeout=0.25, socket_timeout=0.5)
+    pool = None if args.redis_url == "off" else InMemoryNgramPool()
+    options = dict(pool=pool, admission=AdmissionQueue(args.max_queued, args.queue_timeout_s), op_timeout_s=args.op_timeout_s)
     metrics = OrchestratorMetrics() if args.metrics_port else None
     if metrics is None:
         servicer = OrchestratorServicer(upstreams, tokenizer, limits, **options)
@@ -121,7 +127,10 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
             await upstreams.draft.wait_healthy()
             upstreams.draft_round_trip_ms = await round_trip_ms(upstreams.draft.healthy()[0].stub.GetInfo)
         if redis_client is not None:
-            servicer.pool = NgramPool(redis_client, namespace=info.model, on_lookup=metrics.pool_lookup if metrics else None)
+            from orchestrator.ngram_pool import RedisNgramPool
+
+            servicer.pool = RedisNgramPool(redis_client, namespace=fingerprint(info, tokenizer),
+                                           on_lookup=metrics.pool_lookup if metrics else None)
 
     def register(server) -> list[str]:
         orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, server)
@@ -136,9 +145,35 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
             watcher.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
         if redis_client is not None:
+            if hasattr(servicer.pool, "close"):
+                await servicer.pool.close()
             await redis_client.aclose()
         if metrics is not None:
             metrics_server.shutdown()
+
+
+def _shape_text(shape: LookaheadShape) -> str:
+    return f"{shape.window},{shape.ngram},{shape.guesses}"
+
+
+def parse_shape(text: str) -> LookaheadShape:
+    """'W,N,G' -> LookaheadShape (ValueError naming what is wrong)."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"lookahead: expected window,ngram,guesses as three integers, got {text!r}")
+    window, ngram, guesses = (int(p) for p in parts)
+    return LookaheadShape(window, ngram, guesses)
+
+
+def fingerprint(info, tokenizer) -> str:
+    """A short hash of the model and tokenizer: pools of different models never mix."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    digest.update(f"{info.model}|{info.vocab_size}".encode())
+    for token, index in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        digest.update(f"{index}:{token}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from specserve.core.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from specserve.core.errors import FailedPrecondition, InvalidArgument
 from specserve.core.medusa_tree import POSTERIOR_ALPHA, POSTERIOR_THRESHOLD, build_medusa_tree, default_choices
+from specserve.core.lookahead import LookaheadShape
 from specserve.core.sampling import SamplingConfig
 from specserve.core.tree import MAX_TREE_NODES, TreeShape
 from specserve.v1 import common_pb2, orchestrator_pb2 as pb
 
 METHOD_NAMES = {value: name for name, value in pb.Method.items()}
-SPECULATIVE_METHODS = (pb.DRAFT_MODEL, pb.PROMPT_LOOKUP, pb.MEDUSA)
+SPECULATIVE_METHODS = (pb.DRAFT_MODEL, pb.PROMPT_LOOKUP, pb.MEDUSA, pb.LOOKAHEAD)
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -36,6 +37,8 @@ class Limits:
     # "cost": the cost-aware controller (core.controller) when the target reports a cost
     # profile; "adaptive": the cost-blind adaptive K it replaced (for comparisons).
     speculation_control: str = "cost"
+    # LOOKAHEAD's window, n-gram length and guesses when the request gives none.
+    lookahead: LookaheadShape = field(default_factory=LookaheadShape)
 
     def __post_init__(self) -> None:
         for name, low in (("tree_nodes", 0), ("tree_width", 1), ("tree_branch", 1)):
@@ -59,6 +62,7 @@ class Job:
     tree_nodes: int = 0  # nodes of a feature draft's trees for greedy requests; 0: chains
     medusa: object = None  # MEDUSA: the resolved MedusaParams for the target (choices filled in)
     lossy: bool = False  # a lossy acceptance rule runs (MEDUSA's typical acceptance, sampled)
+    lookahead: LookaheadShape | None = None  # LOOKAHEAD's shape; None for other methods
 
 
 def tokenize(request: pb.GenerateRequest, tokenizer) -> list[int]:
@@ -97,7 +101,19 @@ def parse(request: pb.GenerateRequest, tokenizer, limits: Limits, max_context_to
         )
     seed = request.sampling.seed if request.sampling.HasField("seed") else None
     lossy = medusa is not None and medusa.typical_acceptance and not sampling.greedy
-    return Job(prompt_ids, sampling, seed, method, k, fixed, tree_nodes, medusa, lossy)
+    lookahead = _lookahead(request.speculation, limits) if method == pb.LOOKAHEAD else None
+    return Job(prompt_ids, sampling, seed, method, k, fixed, tree_nodes, medusa, lossy, lookahead)
+
+
+def _lookahead(params, limits: Limits) -> LookaheadShape:
+    values = {}
+    for name in ("window", "ngram", "guesses"):
+        field_name = f"lookahead_{name}"
+        values[name] = getattr(params, field_name) if params.HasField(field_name) else getattr(limits.lookahead, name)
+    try:
+        return LookaheadShape(**values)
+    except ValueError as error:
+        raise InvalidArgument(f"speculation.lookahead_{error}") from None
 
 
 def _sampling(params, limits: Limits) -> SamplingConfig:
@@ -153,8 +169,6 @@ def _speculation(params, limits: Limits, has_draft: bool) -> tuple[int, int, boo
     method = params.method or limits.default_method
     if method not in METHOD_NAMES:
         raise InvalidArgument(f"speculation.method: unknown method {method}")
-    if method == pb.LOOKAHEAD:
-        raise Unimplemented(f"speculation.method: {METHOD_NAMES[method]} is not served yet")
     if method == pb.DRAFT_MODEL and not has_draft:
         raise FailedPrecondition("speculation.method: DRAFT_MODEL needs a draft service, and none is configured")
     if params.HasField("num_speculative_tokens"):
@@ -165,6 +179,6 @@ def _speculation(params, limits: Limits, has_draft: bool) -> tuple[int, int, boo
             )
     else:
         k = limits.default_k.get(method, 0)
-    if method == pb.AUTOREGRESSIVE:
-        k = 0
+    if method in (pb.AUTOREGRESSIVE, pb.LOOKAHEAD):
+        k = 0  # lookahead's step size is its shape (window, ngram, guesses)
     return method, k, params.fixed_length

@@ -13,12 +13,13 @@ import grpc
 from orchestrator import requests
 from orchestrator.costs import costs_of
 from orchestrator.failover import FailoverDraftProposer, FailoverTargetSession, SessionPolicy
-from orchestrator.ngram_pool import NgramPool
 from orchestrator.replicas import AdmissionQueue, ReplicaSet
 from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer
 from specserve.core.controller import speculation_policy
 from specserve.core.errors import Unavailable
+from specserve.core.lookahead_decode import decode_lookahead
 from specserve.core.medusa_proposer import ColocatedMedusaProposer
+from specserve.core.ngram_pool import LOOKUP_KEY, NgramPool, lookup_fallback, record_sequence
 from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.speculate import DecodeRequest, Finish, decode
 from specserve.core.text import IncrementalDetokenizer, StopStringFilter
@@ -58,7 +59,6 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         self.pool = pool
         self.admission = admission or AdmissionQueue()  # requests waiting for a target session
         self.op_timeout_s = op_timeout_s
-        self._background: set[asyncio.Task] = set()
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         began = time.perf_counter()
@@ -88,9 +88,19 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             stops = StopStringFilter(job.sampling.stop)
             generated: list[int] = []
             first_token_ms = None
+            # The pool changes with other traffic, and different proposals consume the random
+            # stream differently: a seeded sampling request skips it so that it stays
+            # reproducible. Greedy output never depends on the proposals.
+            pool = self.pool if job.sampling.greedy or job.seed is None else None
+            if pool is not None and hasattr(pool, "prefetch"):
+                pool.prefetch([tuple(job.prompt_ids[-LOOKUP_KEY:]), (job.prompt_ids[-1],)])
+            if job.method == pb.LOOKAHEAD:
+                steps = decode_lookahead(target, decoding, job.lookahead, pool)
+            else:
+                steps = decode(target, proposer, decoding)
             accepted_so_far = proposed_so_far = 0
             try:
-                async for chunk in decode(target, proposer, decoding):
+                async for chunk in steps:
                     if first_token_ms is None:
                         first_token_ms = (time.perf_counter() - began) * 1e3
                     generated.extend(chunk.tokens)
@@ -142,7 +152,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                 if close_draft is not None:
                     close_draft()
                 if self.pool is not None and generated:
-                    self._in_background(self.pool.add(job.prompt_ids + generated))
+                    record_sequence(self.pool, job.prompt_ids + generated)  # never blocks
 
     def _speculation(self, job: requests.Job):
         up = self.upstreams
@@ -172,15 +182,6 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                 return WithLookupBranch(feature_draft)
             return FailoverDraftProposer(self.upstreams.draft, RemoteDraftProposer, needs_target_hidden_states=False, policy=policy)
         if job.method == pb.PROMPT_LOOKUP:
-            # The pool changes with other traffic, and different proposals consume the
-            # random stream differently: a seeded sampling request skips it so that it
-            # stays reproducible. Greedy output never depends on the proposals.
-            use_pool = self.pool is not None and (job.sampling.greedy or job.seed is None)
-            return PromptLookupProposer(fallback=self.pool.lookup if use_pool else None)
+            use_pool = self.pool is not None and (job.sampling.greedy or job.seed is None)  # see Generate
+            return PromptLookupProposer(fallback=lookup_fallback(self.pool) if use_pool else None)
         return None
-
-    def _in_background(self, coroutine) -> None:
-        """Runs work off the request's critical path, keeping a reference until it ends."""
-        task = asyncio.create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)

@@ -91,6 +91,17 @@ class RemoteTargetSession:
         self.last_compute_ms = response.compute_ms
         return Verdict(response.accepted, list(response.token_ids))
 
+    async def lookahead(self, committed_len: int, pending: int, levels: list[list[int]],
+                        candidates: list[list[int]]) -> tuple[Verdict, list[int]]:
+        step = target_pb2.TargetLookahead(
+            committed_len=committed_len, pending_token=pending, window=len(levels[0]),
+            window_tokens=[t for level in levels for t in level],
+            candidate_tokens=[t for candidate in candidates for t in candidate],
+            candidate_lengths=[len(candidate) for candidate in candidates])
+        response = await self._request(target_pb2.TargetRequest(op_id=self.stream.op_id(), lookahead=step))
+        self.last_compute_ms = response.compute_ms
+        return Verdict(response.accepted, list(response.token_ids)), list(response.lookahead_tokens)
+
     async def _request(self, request: target_pb2.TargetRequest) -> target_pb2.TargetResponse:
         response = await self.stream.request(request)
         self.last_hidden_states = response.hidden_states if response.HasField("hidden_states") else None

@@ -41,7 +41,17 @@ def _request(args: argparse.Namespace, prompt: str, method: str | None):
         prompt=prompt if args.raw else None, messages=messages, method=method, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
         num_speculative_tokens=args.num_speculative_tokens, tree_nodes=getattr(args, "request_tree_nodes", None),
+        **_lookahead_fields(getattr(args, "request_lookahead", None)),
     )
+
+
+def _lookahead_fields(text: str | None) -> dict:
+    if not text:
+        return {}
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise SystemExit(f"--lookahead: expected window,ngram,guesses as three integers, got {text!r}")
+    return dict(zip(("lookahead_window", "lookahead_ngram", "lookahead_guesses"), map(int, parts)))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -183,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_flags(p)
     p.add_argument("--tree-nodes", dest="request_tree_nodes", type=int, default=None,
                    help="nodes of a feature draft's trees (greedy only), 0 = chains; default: the server's")
+    p.add_argument("--lookahead", dest="request_lookahead", default=None,
+                   help="LOOKAHEAD's window,ngram,guesses (W,N,G); default: the server's")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="start the stack, stream one generation with its stats and speedup, stop")

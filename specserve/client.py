@@ -31,6 +31,9 @@ def build_request(
     typical_acceptance: bool = False,
     posterior_threshold: float | None = None,
     posterior_alpha: float | None = None,
+    lookahead_window: int | None = None,
+    lookahead_ngram: int | None = None,
+    lookahead_guesses: int | None = None,
 ) -> pb.GenerateRequest:
     sampling = common_pb2.SamplingParams(temperature=temperature, top_k=top_k, stop=stop or [])
     if max_new_tokens is not None:
@@ -52,6 +55,10 @@ def build_request(
         speculation.medusa.posterior_threshold = posterior_threshold
     if posterior_alpha is not None:
         speculation.medusa.posterior_alpha = posterior_alpha
+    for name, value in (("lookahead_window", lookahead_window), ("lookahead_ngram", lookahead_ngram),
+                        ("lookahead_guesses", lookahead_guesses)):
+        if value is not None:
+            setattr(speculation, name, value)
     return pb.GenerateRequest(
         prompt=prompt or "",
         messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages or []],

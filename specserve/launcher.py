@@ -85,7 +85,7 @@ class StackConfig:
     tokenizer: str | None = None  # None: the target model's
     dtype: str = "auto"  # "auto": measured per machine (specserve.dtype_choice), resolved once for every service
     port: int = 50051  # the orchestrator's; 0 picks a free one
-    redis: str = "auto"  # "auto": start redis-server if installed; "off"; or a redis:// URL
+    redis: str = "auto"  # "auto": start redis-server if installed; "off" (no n-gram pool at all); or a redis:// URL
     default_method: str = "prompt_lookup"
     threads: int = 0
     engine: str = "auto"  # the model services' --engine: auto, torch, llama.cpp
@@ -195,7 +195,9 @@ class Stack:
         c = self.config
         return [
             sys.executable, "-m", "orchestrator", "--port", str(port), "--target", ",".join(self.target_addresses),
-            "--draft", ",".join(self.draft_addresses), "--tokenizer", c.tokenizer or c.target_model, "--redis-url", self.redis_url,
+            "--draft", ",".join(self.draft_addresses), "--tokenizer", c.tokenizer or c.target_model,
+            # No Redis: the pool stays in the orchestrator's process, unless it is turned off.
+            "--redis-url", self.redis_url or ("off" if c.redis == "off" else ""),
             "--default-method", c.default_method, "--tree-nodes", str(c.tree_nodes), "--tree-width", str(c.tree_width),
             "--tree-branch", str(c.tree_branch),
             *(["--auth-token-file", str(c.auth_token_file)] if c.auth_token_file else []), *extra_args,

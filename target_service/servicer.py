@@ -7,6 +7,7 @@ import time
 from specserve.core.distributions import to_dense
 from specserve.core.errors import InvalidArgument
 from specserve.core.tree import split_tree
+from specserve.runtime.lookahead_worker import lookahead_step, unflatten
 from specserve.runtime.medusa_step import medusa_options_from_proto
 from specserve.runtime.workers import TargetWorker
 from specserve.serving import hidden_states
@@ -35,6 +36,7 @@ class TargetServicer(SessionServicer, target_pb2_grpc.TargetServiceServicer):
 
     async def _handle(self, worker: TargetWorker, request: target_pb2.TargetRequest) -> target_pb2.TargetResponse:
         began = time.perf_counter()
+        lookahead_tokens: list[int] = []
         op = request.WhichOneof("op")
         if op == "start":
             start = request.start
@@ -56,14 +58,22 @@ class TargetServicer(SessionServicer, target_pb2_grpc.TargetServiceServicer):
                 draft_probs = to_dense(rows, self.host.loaded.vocab_size)  # [k, V]
             verdict = await self.host.run(worker.verify, verify.committed_len, list(verify.token_ids), draft_probs)
             tokens, accepted = verdict.tokens, verdict.accepted
+        elif op == "lookahead":
+            step = request.lookahead
+            levels, candidates = unflatten(step.window, list(step.window_tokens), list(step.candidate_tokens),
+                                           list(step.candidate_lengths))
+            result = await self.host.run(lookahead_step, worker, step.committed_len, step.pending_token, levels, candidates)
+            tokens, accepted = result.verdict.tokens, result.verdict.accepted
+            lookahead_tokens = result.next_level
         else:
-            raise InvalidArgument("op: expected start or verify")
+            raise InvalidArgument("op: expected start, verify or lookahead")
         response = target_pb2.TargetResponse(
             op_id=request.op_id,
             token_ids=tokens,
             accepted=accepted,
             committed_len=worker.kv.length,
             compute_ms=(time.perf_counter() - began) * 1e3,
+            lookahead_tokens=lookahead_tokens,
         )
         if worker.return_hidden_states:
             response.hidden_states.CopyFrom(hidden_states.to_proto(worker.last_hidden_states))  # [n, H]

@@ -61,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overhead-max-new-tokens", type=int, default=128)
     parser.add_argument("--sim-accept", type=float, default=0.8, help="simulated draft's per-proposal acceptance probability")
     parser.add_argument("--sim-draft-ratio", type=float, default=0.1, help="simulated draft step time / target step time")
+    parser.add_argument("--lookahead", default="",
+                        help="LOOKAHEAD's window,ngram,guesses for the stack and the in-process engine (default: the server's)")
+    parser.add_argument("--pool-passes", action="store_true",
+                        help="also run LOOKAHEAD and PROMPT_LOOKUP twice over the prompts through a shared Redis pool: the "
+                             "second pass in the same orchestrator and in a second one (needs redis-server)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     from specserve.cli import add_tree_flags
 
@@ -110,6 +115,11 @@ def run(args: argparse.Namespace) -> int:
                 state["concurrency"] = measure_concurrency(address, prompts, methods, levels, args.concurrency_max_new_tokens,
                                                            args.concurrency_requests, progress)
             save()
+    if args.pool_passes:
+        from specserve.bench.pool_passes import measure_pool_passes
+
+        state["pool_passes"] = measure_pool_passes(args, prompts, out / "logs")
+        report.write_json(out / "pool_passes.json", state["pool_passes"])
     step_times = [float(s) for s in _csv(args.overhead_step_ms)]
     if step_times:
         from specserve.bench.overhead import SimulationConfig, measure_overhead
@@ -142,8 +152,8 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
         stack = resources.enter_context(Stack(StackConfig(
             target_model=args.target_model, draft_model=draft_model if "draft_model" in methods else None, dtype=args.dtype,
             port=0, redis=args.redis, default_method="autoregressive", threads=args.threads, engine=args.engine,
-            log_dir=out / "logs",
-            tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch)))
+            log_dir=out / "logs", tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch,
+            extra_env={"SPECSERVE_LOOKAHEAD": args.lookahead} if args.lookahead else {})))
         address = stack.address
         if "distributed" in modes:
             runner = DistributedRunner(address)
@@ -166,7 +176,10 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
         if "in_process" in modes:
             from orchestrator.requests import Limits
 
-            limits = Limits(tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch)
+            from orchestrator.main import parse_shape
+
+            shape = {"lookahead": parse_shape(args.lookahead)} if args.lookahead else {}
+            limits = Limits(tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch, **shape)
             runners.append(InProcessRunner(target, draft, tokenizer, limits))
         if "hf" in modes:
             runners.append(HfRunner(target, tokenizer, draft))
@@ -279,6 +292,12 @@ def _write_results(out: Path, state: dict, notes: list[str], args) -> None:
     report.write_json(out / "concurrency.json", state["concurrency"])
     report.write_json(out / "overhead.json", state["overhead"])
     report.write_markdown(out / "results.md", rows, cost, state["overhead"], state["concurrency"], notes)
+    if state.get("pool_passes"):
+        from specserve.bench.pool_passes import COLUMNS
+
+        with open(out / "results.md", "a", encoding="utf-8") as md:
+            md.write("\n## Shared n-gram pool: the same prompts twice through Redis\n\n"
+                     + report.markdown_table(state["pool_passes"], COLUMNS) + "\n")
     if rows:
         report.write_chart(out / "chart.png", rows, f"{args.target_model} {args.dtype}, greedy, {args.max_new_tokens} new tokens")
 
@@ -312,4 +331,5 @@ def _meta(args, prompts, methods, draft_model) -> dict:
         "threads": args.threads,
         "engine": args.engine,
         "tree": {"nodes": args.tree_nodes, "width": args.tree_width, "branch": args.tree_branch},
+        "lookahead": args.lookahead or "server default",
     }

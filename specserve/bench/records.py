@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 MODES = ("distributed", "distributed_adaptive", "in_process", "hf", "llama_cpp")
 # The peer every row is compared with: llama.cpp's own plain decoding of the same GGUF.
 PEER = ("llama_cpp", "autoregressive")
-METHODS = ("autoregressive", "prompt_lookup", "draft_model", "medusa")
+METHODS = ("autoregressive", "prompt_lookup", "draft_model", "medusa", "lookahead")
 BASELINE_METHOD = "autoregressive"
 
 

@@ -22,7 +22,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from specserve.drafter.medusa import MedusaHeads, save_medusa

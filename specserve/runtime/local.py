@@ -42,6 +42,15 @@ class LocalTargetSession:
         self.last_compute_ms = (time.perf_counter() - began) * 1e3
         return verdict
 
+    async def lookahead(self, committed_len: int, pending: int, levels: list[list[int]],
+                        candidates: list[list[int]]) -> tuple[Verdict, list[int]]:
+        from specserve.runtime.lookahead_worker import lookahead_step
+
+        began = time.perf_counter()
+        result = lookahead_step(self.worker, committed_len, pending, levels, candidates)
+        self.last_compute_ms = (time.perf_counter() - began) * 1e3
+        return result.verdict, result.next_level
+
 
 class LocalDraftProposer:
     def __init__(self, loaded: Engine):

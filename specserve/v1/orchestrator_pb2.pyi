@@ -43,18 +43,24 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class SpeculationParams(_message.Message):
-    __slots__ = ("method", "num_speculative_tokens", "fixed_length", "tree_nodes", "medusa")
+    __slots__ = ("method", "num_speculative_tokens", "fixed_length", "tree_nodes", "medusa", "lookahead_window", "lookahead_ngram", "lookahead_guesses")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FIXED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     TREE_NODES_FIELD_NUMBER: _ClassVar[int]
     MEDUSA_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_NGRAM_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_GUESSES_FIELD_NUMBER: _ClassVar[int]
     method: Method
     num_speculative_tokens: int
     fixed_length: bool
     tree_nodes: int
     medusa: _common_pb2.MedusaParams
-    def __init__(self, method: _Optional[_Union[Method, str]] = ..., num_speculative_tokens: _Optional[int] = ..., fixed_length: _Optional[bool] = ..., tree_nodes: _Optional[int] = ..., medusa: _Optional[_Union[_common_pb2.MedusaParams, _Mapping]] = ...) -> None: ...
+    lookahead_window: int
+    lookahead_ngram: int
+    lookahead_guesses: int
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., num_speculative_tokens: _Optional[int] = ..., fixed_length: _Optional[bool] = ..., tree_nodes: _Optional[int] = ..., medusa: _Optional[_Union[_common_pb2.MedusaParams, _Mapping]] = ..., lookahead_window: _Optional[int] = ..., lookahead_ngram: _Optional[int] = ..., lookahead_guesses: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "messages", "sampling", "speculation", "include_step_timings")

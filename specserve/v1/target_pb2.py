@@ -26,7 +26,7 @@ from specserve.v1 import common_pb2 as specserve_dot_v1_dot_common__pb2
 from specserve.v1 import model_service_pb2 as specserve_dot_v1_dot_model__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specserve/v1/target.proto\x12\x0cspecserve.v1\x1a\x19specserve/v1/common.proto\x1a specserve/v1/model_service.proto\"\xaf\x01\n\x0bTargetStart\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12.\n\x08sampling\x18\x02 \x01(\x0b\x32\x1c.specserve.v1.SamplingParams\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x1c\n\x14return_hidden_states\x18\x04 \x01(\x08\x12*\n\x06medusa\x18\x05 \x01(\x0b\x32\x1a.specserve.v1.MedusaParams\"\x80\x01\n\x0cTargetVerify\x12\x15\n\rcommitted_len\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x35\n\x0b\x64raft_probs\x18\x03 \x03(\x0b\x32 .specserve.v1.SparseDistribution\x12\x0f\n\x07parents\x18\x04 \x03(\x05\"~\n\rTargetRequest\x12\r\n\x05op_id\x18\x01 \x01(\x04\x12*\n\x05start\x18\x02 \x01(\x0b\x32\x19.specserve.v1.TargetStartH\x00\x12,\n\x06verify\x18\x03 \x01(\x0b\x32\x1a.specserve.v1.TargetVerifyH\x00\x42\x04\n\x02op\"\xdd\x01\n\x0eTargetResponse\x12\r\n\x05op_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x15\n\rcommitted_len\x18\x04 \x01(\r\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\x12\x31\n\rhidden_states\x18\x06 \x01(\x0b\x32\x1a.specserve.v1.HiddenStates\x12\x39\n\x11medusa_candidates\x18\x07 \x01(\x0b\x32\x1e.specserve.v1.MedusaCandidates\"6\n\x10MedusaCandidates\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x32\x9b\x01\n\rTargetService\x12H\n\x07Session\x12\x1b.specserve.v1.TargetRequest\x1a\x1c.specserve.v1.TargetResponse(\x01\x30\x01\x12@\n\x07GetInfo\x12\x1c.specserve.v1.GetInfoRequest\x1a\x17.specserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19specserve/v1/target.proto\x12\x0cspecserve.v1\x1a\x19specserve/v1/common.proto\x1a specserve/v1/model_service.proto\"\xaf\x01\n\x0bTargetStart\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12.\n\x08sampling\x18\x02 \x01(\x0b\x32\x1c.specserve.v1.SamplingParams\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x1c\n\x14return_hidden_states\x18\x04 \x01(\x08\x12*\n\x06medusa\x18\x05 \x01(\x0b\x32\x1a.specserve.v1.MedusaParams\"\x80\x01\n\x0cTargetVerify\x12\x15\n\rcommitted_len\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x35\n\x0b\x64raft_probs\x18\x03 \x03(\x0b\x32 .specserve.v1.SparseDistribution\x12\x0f\n\x07parents\x18\x04 \x03(\x05\"\x9b\x01\n\x0fTargetLookahead\x12\x15\n\rcommitted_len\x18\x01 \x01(\r\x12\x15\n\rpending_token\x18\x02 \x01(\r\x12\x0e\n\x06window\x18\x03 \x01(\r\x12\x15\n\rwindow_tokens\x18\x04 \x03(\r\x12\x18\n\x10\x63\x61ndidate_tokens\x18\x05 \x03(\r\x12\x19\n\x11\x63\x61ndidate_lengths\x18\x06 \x03(\r\"\xb2\x01\n\rTargetRequest\x12\r\n\x05op_id\x18\x01 \x01(\x04\x12*\n\x05start\x18\x02 \x01(\x0b\x32\x19.specserve.v1.TargetStartH\x00\x12,\n\x06verify\x18\x03 \x01(\x0b\x32\x1a.specserve.v1.TargetVerifyH\x00\x12\x32\n\tlookahead\x18\x04 \x01(\x0b\x32\x1d.specserve.v1.TargetLookaheadH\x00\x42\x04\n\x02op\"\xf7\x01\n\x0eTargetResponse\x12\r\n\x05op_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\r\x12\x15\n\rcommitted_len\x18\x04 \x01(\r\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\x12\x31\n\rhidden_states\x18\x06 \x01(\x0b\x32\x1a.specserve.v1.HiddenStates\x12\x39\n\x11medusa_candidates\x18\x07 \x01(\x0b\x32\x1e.specserve.v1.MedusaCandidates\x12\x18\n\x10lookahead_tokens\x18\x08 \x03(\r\"6\n\x10MedusaCandidates\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0f\n\x07parents\x18\x02 \x03(\x05\x32\x9b\x01\n\rTargetService\x12H\n\x07Session\x12\x1b.specserve.v1.TargetRequest\x1a\x1c.specserve.v1.TargetResponse(\x01\x30\x01\x12@\n\x07GetInfo\x12\x1c.specserve.v1.GetInfoRequest\x1a\x17.specserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,12 +37,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TARGETSTART']._serialized_end=280
   _globals['_TARGETVERIFY']._serialized_start=283
   _globals['_TARGETVERIFY']._serialized_end=411
-  _globals['_TARGETREQUEST']._serialized_start=413
-  _globals['_TARGETREQUEST']._serialized_end=539
-  _globals['_TARGETRESPONSE']._serialized_start=542
-  _globals['_TARGETRESPONSE']._serialized_end=763
-  _globals['_MEDUSACANDIDATES']._serialized_start=765
-  _globals['_MEDUSACANDIDATES']._serialized_end=819
-  _globals['_TARGETSERVICE']._serialized_start=822
-  _globals['_TARGETSERVICE']._serialized_end=977
+  _globals['_TARGETLOOKAHEAD']._serialized_start=414
+  _globals['_TARGETLOOKAHEAD']._serialized_end=569
+  _globals['_TARGETREQUEST']._serialized_start=572
+  _globals['_TARGETREQUEST']._serialized_end=750
+  _globals['_TARGETRESPONSE']._serialized_start=753
+  _globals['_TARGETRESPONSE']._serialized_end=1000
+  _globals['_MEDUSACANDIDATES']._serialized_start=1002
+  _globals['_MEDUSACANDIDATES']._serialized_end=1056
+  _globals['_TARGETSERVICE']._serialized_start=1059
+  _globals['_TARGETSERVICE']._serialized_end=1214
 # @@protoc_insertion_point(module_scope)

@@ -34,18 +34,36 @@ class TargetVerify(_message.Message):
     parents: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, committed_len: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class TargetLookahead(_message.Message):
+    __slots__ = ("committed_len", "pending_token", "window", "window_tokens", "candidate_tokens", "candidate_lengths")
+    COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
+    PENDING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    committed_len: int
+    pending_token: int
+    window: int
+    window_tokens: _containers.RepeatedScalarFieldContainer[int]
+    candidate_tokens: _containers.RepeatedScalarFieldContainer[int]
+    candidate_lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, committed_len: _Optional[int] = ..., pending_token: _Optional[int] = ..., window: _Optional[int] = ..., window_tokens: _Optional[_Iterable[int]] = ..., candidate_tokens: _Optional[_Iterable[int]] = ..., candidate_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class TargetRequest(_message.Message):
-    __slots__ = ("op_id", "start", "verify")
+    __slots__ = ("op_id", "start", "verify", "lookahead")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     VERIFY_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_FIELD_NUMBER: _ClassVar[int]
     op_id: int
     start: TargetStart
     verify: TargetVerify
-    def __init__(self, op_id: _Optional[int] = ..., start: _Optional[_Union[TargetStart, _Mapping]] = ..., verify: _Optional[_Union[TargetVerify, _Mapping]] = ...) -> None: ...
+    lookahead: TargetLookahead
+    def __init__(self, op_id: _Optional[int] = ..., start: _Optional[_Union[TargetStart, _Mapping]] = ..., verify: _Optional[_Union[TargetVerify, _Mapping]] = ..., lookahead: _Optional[_Union[TargetLookahead, _Mapping]] = ...) -> None: ...
 
 class TargetResponse(_message.Message):
-    __slots__ = ("op_id", "token_ids", "accepted", "committed_len", "compute_ms", "hidden_states", "medusa_candidates")
+    __slots__ = ("op_id", "token_ids", "accepted", "committed_len", "compute_ms", "hidden_states", "medusa_candidates", "lookahead_tokens")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +71,7 @@ class TargetResponse(_message.Message):
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     MEDUSA_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    LOOKAHEAD_TOKENS_FIELD_NUMBER: _ClassVar[int]
     op_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     accepted: int
@@ -60,7 +79,8 @@ class TargetResponse(_message.Message):
     compute_ms: float
     hidden_states: _common_pb2.HiddenStates
     medusa_candidates: MedusaCandidates
-    def __init__(self, op_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., committed_len: _Optional[int] = ..., compute_ms: _Optional[float] = ..., hidden_states: _Optional[_Union[_common_pb2.HiddenStates, _Mapping]] = ..., medusa_candidates: _Optional[_Union[MedusaCandidates, _Mapping]] = ...) -> None: ...
+    lookahead_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, op_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., committed_len: _Optional[int] = ..., compute_ms: _Optional[float] = ..., hidden_states: _Optional[_Union[_common_pb2.HiddenStates, _Mapping]] = ..., medusa_candidates: _Optional[_Union[MedusaCandidates, _Mapping]] = ..., lookahead_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class MedusaCandidates(_message.Message):
     __slots__ = ("token_ids", "parents")

@@ -88,6 +88,8 @@ class HfRunner:
         """Why this runner cannot run `method` with its models, or None."""
         if method == "medusa":
             return "transformers' generate() has no Medusa decoding"
+        if method == "lookahead":
+            return "transformers' generate has no lookahead decoding"
         if method == "draft_model" and self.draft is not None and self.draft.needs_target_hidden_states:
             return ("transformers' assisted generation cannot use a feature draft "
                     "(it drafts from the target's hidden states, which generate() does not pass to an assistant)")

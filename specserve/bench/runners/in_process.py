@@ -16,6 +16,7 @@ from specserve.bench.prompts import BenchPrompt
 from specserve.bench.records import RunRecord
 from specserve.client import build_request
 from specserve.core.controller import speculation_policy
+from specserve.core.lookahead_decode import decode_lookahead
 from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DecodeRequest, decode
@@ -25,7 +26,8 @@ from specserve.runtime.models import LoadedModel
 from specserve.runtime.profile import profile_for
 from specserve.v1 import orchestrator_pb2 as pb
 
-METHOD_ENUM = {"autoregressive": pb.AUTOREGRESSIVE, "prompt_lookup": pb.PROMPT_LOOKUP, "draft_model": pb.DRAFT_MODEL}
+METHOD_ENUM = {"autoregressive": pb.AUTOREGRESSIVE, "prompt_lookup": pb.PROMPT_LOOKUP, "draft_model": pb.DRAFT_MODEL,
+               "lookahead": pb.LOOKAHEAD}
 
 
 class InProcessRunner:
@@ -98,7 +100,11 @@ class InProcessRunner:
             request.stats.steps = []
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer is not None else None
         generated: list[int] = []
-        async for chunk in decode(LocalTargetSession(self.target), proposer, request):
+        if method == "lookahead":  # no shared pool, as with prompt lookup
+            steps = decode_lookahead(LocalTargetSession(self.target), request, self.limits.lookahead)
+        else:
+            steps = decode(LocalTargetSession(self.target), proposer, request)
+        async for chunk in steps:
             generated.extend(chunk.tokens)
             if detokenizer is not None:
                 detokenizer.push(chunk.tokens)

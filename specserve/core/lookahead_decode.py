@@ -1,0 +1,118 @@
+"""The lookahead decoding loop: the orchestrator's side of lookahead (see core.lookahead).
+
+The orchestrator owns the sequence, the Jacobi window and the request's n-gram pool;
+each step sends the target the pending token, the window and the candidates chosen for
+the pending token, and gets back the accepted tokens and the window's next level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from specserve.core.acceptance import Verdict
+from specserve.core.lookahead import CandidatePool, JacobiWindow, LookaheadShape, select_candidates
+from specserve.core.ngram_pool import LOOKUP_KEY, NgramPool
+from specserve.core.prompt_lookup import find_continuation
+from specserve.core.sampling import SamplingConfig
+from specserve.core.speculate import Chunk, DecodeRequest, StepRecord, _cut
+
+LOOKUP_TOKENS = 8  # a prompt-lookup candidate (a match of the last 3 or 2 tokens) may be this long
+
+
+class LookaheadTarget(Protocol):
+    last_compute_ms: float
+
+    async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> int:
+        """Prefill the prompt; return the first generated token."""
+
+    async def lookahead(self, committed_len: int, pending: int, levels: list[list[int]],
+                        candidates: list[list[int]]) -> tuple[Verdict, list[int]]:
+        """One lookahead step: (verdict over the candidates, the window's next level)."""
+
+
+class LookaheadProposals:
+    """Where a step's candidates come from, best first: a prompt-lookup match in the request's
+    own tokens, the shared pool's continuation of the last 3 tokens, the request's own
+    n-grams (window harvest and output) after the pending token, the shared pool's."""
+
+    def __init__(self, shape: LookaheadShape, shared: NgramPool | None):
+        self.shape = shape
+        self.shared = shared
+        self.local = CandidatePool()
+
+    def observe(self, sequence: list[int], start: int) -> None:
+        """Records the n-grams of sequence ending at index >= start + N - 1."""
+        self.local.add_sequence(sequence, self.shape.ngram, start)
+
+    async def candidates(self, sequence: list[int], max_len: int) -> list[list[int]]:
+        if self.shape.guesses == 0 or max_len <= 0:
+            return []
+        n = self.shape.ngram - 1
+        lookup = find_continuation(sequence, min(LOOKUP_TOKENS, max_len), 3, 2)
+        shared_lookup: list = []
+        shared_ngrams: list = []
+        if self.shared is not None:
+            shared_lookup, shared_ngrams = await asyncio.gather(
+                self.shared.get(tuple(sequence[-LOOKUP_KEY:])), self.shared.get((sequence[-1],)))
+        sources = [
+            [lookup] if lookup else [],
+            [c[: min(LOOKUP_TOKENS, max_len)] for c in shared_lookup[:1]],
+            [c[:n] for c in self.local.get(sequence[-1])],
+            [c[:n] for c in shared_ngrams],
+        ]
+        return select_candidates(sources, self.shape.guesses, max_len)
+
+
+async def decode_lookahead(target: LookaheadTarget, request: DecodeRequest, shape: LookaheadShape,
+                           shared: NgramPool | None = None) -> AsyncIterator[Chunk]:
+    """Generate tokens by lookahead decoding; the last chunk carries the finish reason.
+
+    Like core.speculate.decode, the caller may stop iterating at any time; closing the
+    session is the caller's job. Proposed/accepted count candidate tokens.
+    """
+    stats = request.stats
+    prompt = list(request.prompt)
+    budget = min(request.sampling.max_new_tokens, request.max_context_tokens - len(prompt))
+    first = await target.start(prompt, request.sampling, request.seed)
+    stats.target_forward_passes += 1
+    sequence = prompt + [first]
+    chunk, finish = _cut([first], request.eos_token_ids, budget)
+    stats.generated_tokens += len(chunk)
+    yield Chunk(chunk, finish)
+    if finish is not None:
+        return
+    window = JacobiWindow(shape, prompt, request.seed)
+    proposals = LookaheadProposals(shape, shared)
+    proposals.observe(sequence, 0)
+    while True:
+        remaining = budget - (len(sequence) - len(prompt))
+        step_began = time.perf_counter()
+        # One step yields accepted + 1 tokens: never propose past the budget; and the window
+        # must fit the context (its top level reaches L + W - 1 positions past the pending token).
+        candidates = await proposals.candidates(sequence, remaining - 1)
+        levels = window.levels
+        room = request.max_context_tokens - len(sequence)  # positions left after the pending token's
+        if len(levels) + shape.window - 1 > room:
+            levels = [levels[0][:room]]  # near the end of the context: one short level, not kept
+        verdict, next_level = await target.lookahead(len(sequence) - 1, sequence[-1], levels, candidates)
+        if levels is window.levels and len(next_level) == shape.window:  # else the window stands still
+            for ngram in window.update(next_level):
+                proposals.local.add(ngram)
+        if stats.steps is not None:
+            wall_ms = (time.perf_counter() - step_began) * 1e3
+            stats.steps.append(StepRecord(wall_ms, target.last_compute_ms, sum(map(len, candidates)), verdict.accepted))
+        stats.target_forward_passes += 1
+        stats.decode_steps += 1
+        stats.proposed_tokens += sum(map(len, candidates))
+        stats.accepted_tokens += verdict.accepted
+        before = len(sequence)
+        sequence.extend(verdict.tokens)
+        proposals.observe(sequence, before - shape.ngram + 1)
+        chunk, finish = _cut(verdict.tokens, request.eos_token_ids, remaining)
+        stats.generated_tokens += len(chunk)
+        yield Chunk(chunk, finish)
+        if finish is not None:
+            return
