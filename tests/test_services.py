@@ -129,11 +129,11 @@ def test_unknown_method_is_invalid_argument(stub):
     assert caught.value.details().startswith("speculation.method:")
 
 
-def test_methods_not_served_yet_are_unimplemented(stub):
-    for method in ("medusa",):
-        with pytest.raises(grpc.RpcError) as caught:
-            run(stub, prompt="hi", method=method)
-        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+def test_medusa_without_heads_is_a_failed_precondition(stub):
+    with pytest.raises(grpc.RpcError) as caught:
+        run(stub, prompt="hi", method="medusa")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert caught.value.details().startswith("speculation.method:")
 
 
 def session_counts(stack) -> tuple[int, int]:
