@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import functools
 from pathlib import Path
 
 from specserve.runtime.models import DEFAULT_MODEL, DTYPES, SHIPPED_DRAFTS
@@ -32,14 +31,19 @@ def medusa_heads_dir(args: argparse.Namespace) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> None:
-    heads = None
     directory = medusa_heads_dir(args)
-    if directory is not None:
-        from specserve.drafter.medusa import load_medusa
 
-        heads, _ = load_medusa(directory, DTYPES[args.dtype])
-    serve_model(args, "target", functools.partial(TargetServicer, heads=heads),
-                target_pb2_grpc.add_TargetServiceServicer_to_server, target_pb2.DESCRIPTOR.services_by_name["TargetService"])
+    def servicer(host) -> TargetServicer:
+        heads = None
+        if directory is not None:
+            from specserve.drafter.medusa import load_medusa
+
+            # In the dtype the engine resolved (dtype auto); float32 beside an engine with its own types.
+            heads, _ = load_medusa(directory, DTYPES.get(host.loaded.dtype_name, DTYPES["float32"]))
+        return TargetServicer(host, heads=heads)
+
+    serve_model(args, "target", servicer, target_pb2_grpc.add_TargetServiceServicer_to_server,
+                target_pb2.DESCRIPTOR.services_by_name["TargetService"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -231,6 +231,9 @@ def gateway_stack(tiny_target_dir, redis_url, tmp_path_factory):
         target_model=str(tiny_target_dir), draft_model=str(tiny_target_dir), dtype="float32", port=0,
         redis=redis_url, default_method="prompt_lookup", threads=1, http_port=0, served_model_name="tiny",
         metrics=True, log_dir=tmp_path_factory.mktemp("gateway-stack-logs"),
+        # The cost-blind K: these tests check the marks and figures of speculation, so it must
+        # speculate even where a draft as large as its target would not pay (what cost control sees).
+        extra_env={"SPECSERVE_SPECULATION_CONTROL": "adaptive"},
     )
     with Stack(config) as stack:
         yield stack

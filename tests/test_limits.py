@@ -52,6 +52,10 @@ def test_a_deadline_ends_the_request_and_frees_its_session(slow_stack):
 
 def test_beyond_the_session_limit_requests_queue_then_are_refused_with_a_hint(slow_stack):
     tokens = 20  # ~20 x 40 ms per request: all six arrive while the first two run
+    # The orchestrator polls each replica's load twice a second: let it see the sessions an
+    # earlier test left behind gone, so the target's two sessions are both free.
+    assert target_sessions(slow_stack) == 0
+    time.sleep(1.5)
 
     def run(_):
         channel, stub = connect(slow_stack.address)

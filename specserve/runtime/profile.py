@@ -258,7 +258,9 @@ def load_or_measure(subject: ProfileSubject, refresh: bool = False) -> MeasuredP
             pass  # an unreadable cache entry is measured again
     began = time.perf_counter()
     costs = measure(subject)
-    memory, matmul = measure_limits(getattr(torch, subject.dtype))
+    # Another engine's own types (llama.cpp's "Q4_1") have no torch matmul: its limits are read in float32.
+    dtype = getattr(torch, subject.dtype, None)
+    memory, matmul = measure_limits(dtype if isinstance(dtype, torch.dtype) else torch.float32)
     profile = MeasuredProfile(costs, key, memory, matmul, time.perf_counter() - began)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(f".{os.getpid()}.tmp")
