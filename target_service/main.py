@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from specserve.runtime.models import DEFAULT_MODEL, DTYPES, SHIPPED_DRAFTS
@@ -10,6 +11,8 @@ from specserve.serving.model_host import serve_model
 from specserve.serving.options import add_model_service_arguments, env_default, run_or_exit
 from specserve.v1 import target_pb2, target_pb2_grpc
 from target_service.servicer import TargetServicer
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 50052
 # Medusa heads trained for the default target, shipped with the project.
@@ -35,7 +38,12 @@ def run(args: argparse.Namespace) -> None:
 
     def servicer(host) -> TargetServicer:
         heads = None
-        if directory is not None:
+        if directory is not None and host.loaded.engine_name != "torch":
+            # The heads' tree step runs on the torch engine's sessions; elsewhere MEDUSA is refused
+            # (FAILED_PRECONDITION) and every other method serves as usual.
+            log.warning("Medusa heads %s are not hosted: the %s engine does not run them (use --engine torch)",
+                        directory, host.loaded.engine_name)
+        elif directory is not None:
             from specserve.drafter.medusa import load_medusa
 
             # In the dtype the engine resolved (dtype auto); float32 beside an engine with its own types.

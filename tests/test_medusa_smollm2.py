@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory):
     # No --medusa: the target's default ("auto") serves the shipped heads for the default model.
-    config = StackConfig(target_model="smollm2", draft_model=None, dtype="float32", port=0, redis="off", threads=1,
+    # The torch engine: Medusa's tree step runs on its sessions (the llama.cpp engine hosts no heads).
+    config = StackConfig(target_model="smollm2", draft_model=None, dtype="float32", engine="torch", port=0, redis="off", threads=1,
                          default_method="medusa", log_dir=tmp_path_factory.mktemp("medusa-smollm2-logs"))
     with Stack(config) as stack:
         channel, stub = connect(stack.address)
