@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def stub(redis_url, tmp_path_factory):
-    config = StackConfig(target_model="smollm2", dtype="float32", port=0, redis=redis_url,
+    # The torch engine: compared with transformers' own greedy decoding.
+    config = StackConfig(target_model="smollm2", dtype="float32", engine="torch", port=0, redis=redis_url,
                          log_dir=tmp_path_factory.mktemp("smollm2-lookahead-logs"))
     with Stack(config) as stack:
         channel, stub = connect(stack.address)
