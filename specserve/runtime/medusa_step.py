@@ -120,13 +120,7 @@ class MedusaTargetWorker(TargetWorker):
         typical = self.medusa.typical and not self.sampling.greedy
         if not self.sampling.greedy and not typical:
             raise InvalidArgument("parents: a sampled Medusa session without typical acceptance verifies chains only")
-        if committed_len != self.kv.length:
-            raise FailedPrecondition(f"committed_len is {committed_len} but the session holds {self.kv.length} tokens")
-        token_ids = [pending, *tree.tokens]
-        self._check_tokens(token_ids, "token_ids", 0)
-        if committed_len + 1 + tree.depth > self.loaded.max_context_tokens:
-            raise InvalidArgument(f"token_ids: a tree of depth {tree.depth} after {committed_len + 1} tokens exceeds "
-                                  f"the context window of {self.loaded.max_context_tokens}")
+        token_ids = self._check_tree_op(committed_len, pending, tree)
         own = tuple(tree.parents) == self.medusa.tree.parents
         mask = self.medusa.tree.mask if own else ancestor_mask(tree)  # [n+1, n+1]
         positions = [committed_len + d for d in [0, *tree.depths()]]

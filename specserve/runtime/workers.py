@@ -109,13 +109,8 @@ class TargetWorker(_SessionBase):
             self.last_hidden_states = self.last_hidden_states[: 1 + verdict.accepted]  # [1 + accepted, H]
         return verdict
 
-    def verify_tree(self, committed_len: int, pending: int, tree: DraftTree) -> Verdict:
-        """Scores the pending token and every node of a tree in one forward pass (tree attention)
-        and keeps the longest path the target agrees with. Greedy decoding only. An engine
-        without tree attention verifies the tree's first-listed path as a chain instead."""
-        self._check_started()
-        if not self.sampling.greedy:
-            raise InvalidArgument("parents: a tree is verified greedily only; a sampled request proposes chains")
+    def _check_tree_op(self, committed_len: int, pending: int, tree: DraftTree) -> list[int]:
+        """Checks a tree verify op against the session; the tokens it feeds: [pending, *nodes]."""
         if committed_len != self.kv.length:
             raise FailedPrecondition(f"committed_len is {committed_len} but the session holds {self.kv.length} tokens")
         token_ids = [pending, *tree.tokens]
@@ -124,6 +119,16 @@ class TargetWorker(_SessionBase):
         if committed_len + 1 + tree.depth > self.loaded.max_context_tokens:
             raise InvalidArgument(f"token_ids: a tree of depth {tree.depth} after {committed_len + 1} tokens exceeds "
                                   f"the context window of {self.loaded.max_context_tokens}")
+        return token_ids
+
+    def verify_tree(self, committed_len: int, pending: int, tree: DraftTree) -> Verdict:
+        """Scores the pending token and every node of a tree in one forward pass (tree attention)
+        and keeps the longest path the target agrees with. Greedy decoding only. An engine
+        without tree attention verifies the tree's first-listed path as a chain instead."""
+        self._check_started()
+        if not self.sampling.greedy:
+            raise InvalidArgument("parents: a tree is verified greedily only; a sampled request proposes chains")
+        token_ids = self._check_tree_op(committed_len, pending, tree)
         if not self.loaded.supports_trees:
             chain = [tree.tokens[i] for i in tree_fallback_path(tree.parents)]
             return self.verify(committed_len, [pending, *chain], None)
