@@ -16,7 +16,9 @@ there, with CPU random generators.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -70,9 +72,73 @@ class Engine(Protocol):
     returns_hidden_states: bool  # extend_with_hidden / extend_tree(return_hidden=True) work
     supports_trees: bool  # extend_tree works
     needs_target_hidden_states: bool  # a feature draft: drafts from the target's hidden states
+    supports_batching: bool  # forward_batch works
 
     def new_session(self) -> EngineSession:
         """An empty KV cache for one request."""
+
+    def forward_batch(self, forwards: list[Forward]) -> list[ForwardResult]:
+        """Runs every `Forward` (of distinct sessions of this engine) in one forward pass
+        (continuous batching: each session its own KV length, positions and mask); each
+        session's cache grows exactly as `run_forward` would grow it. Only engines whose
+        `supports_batching` is true."""
+
+
+@dataclass
+class Forward:
+    """One session's rows in a forward pass: what a worker op asks of its engine.
+
+    A chain (positions None) appends `token_ids` after the cache; tree nodes carry their
+    positions and `visible` [n, m] (see `EngineSession.extend_tree`).
+    """
+
+    session: EngineSession
+    token_ids: list[int]
+    logits_for: int = 1  # float32 logits of the last rows; 0: none
+    hidden: bool = False  # also the hidden state of every new row
+    positions: list[int] | None = None
+    visible: torch.Tensor | None = None  # [n, m] bool
+
+    def __post_init__(self) -> None:
+        if not self.token_ids or not 0 <= self.logits_for <= len(self.token_ids):
+            raise ValueError(f"a forward of {len(self.token_ids)} tokens cannot give logits for {self.logits_for}")
+
+    @property
+    def is_chain(self) -> bool:
+        return self.visible is None
+
+
+# (logits [logits_for, V_out] float32 on the CPU or None, hidden [n, H] on the CPU or None)
+ForwardResult = tuple[torch.Tensor | None, torch.Tensor | None]
+
+T = TypeVar("T")
+# A worker op that needs forward passes: it yields each `Forward` it needs and is sent its
+# `ForwardResult`, so a scheduler can run many sessions' ops in shared forward passes.
+Op = Generator[Forward, ForwardResult, T]
+
+
+def run_forward(forward: Forward) -> ForwardResult:
+    """One session's rows alone, through its session's own methods."""
+    session, tokens = forward.session, forward.token_ids
+    if not forward.is_chain:
+        logits, hidden = session.extend_tree(tokens, forward.positions, forward.visible, return_hidden=forward.hidden)
+        return (logits[len(tokens) - forward.logits_for:] if forward.logits_for else None), hidden  # [l, V], [n, H]
+    wanted = max(forward.logits_for, 1)  # every engine computes at least the last row's logits
+    if forward.hidden:
+        logits, hidden = session.extend_with_hidden(tokens, logits_for=wanted)  # [l, V], [n, H]
+    else:
+        logits, hidden = session.extend(tokens, logits_for=wanted), None
+    return (logits if forward.logits_for else None), hidden
+
+
+def run_alone(op: Op[T]) -> T:
+    """Runs an op to its end, each of its forward passes on its own session alone."""
+    try:
+        forward = next(op)
+        while True:
+            forward = op.send(run_forward(forward))
+    except StopIteration as done:
+        return done.value
 
 
 def tree_fallback_path(parents: list[int]) -> list[int]:

@@ -48,6 +48,7 @@ class LlamaEngine:
     returns_hidden_states = True
     supports_trees = True
     needs_target_hidden_states = False
+    supports_batching = False  # each session has a context of its own
 
     def __init__(self, spec: str, path: Path, threads: int | None = None, context_tokens: int = 4096,
                  batch_tokens: int = 512):

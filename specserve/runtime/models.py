@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
+from specserve.runtime.engine import Forward, ForwardResult
 from specserve.runtime.kv import KVSession
+from specserve.runtime.ragged import ragged_forward, supports_ragged
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +166,9 @@ class LoadedModel:
     returns_hidden_states: bool = False
     supports_trees: bool = False
     hidden_size: int = 0
+    # Several sessions' rows in one forward pass: a model family `runtime/ragged.py` walks,
+    # or a module with its own `forward_batch` (a simulated model).
+    supports_batching: bool = False
     engine_name: str = "torch"
 
     @property
@@ -172,6 +177,11 @@ class LoadedModel:
 
     def new_session(self) -> KVSession:
         return KVSession(self.model)
+
+    def forward_batch(self, forwards: list[Forward]) -> list[ForwardResult]:
+        if hasattr(self.model, "forward_batch"):
+            return self.model.forward_batch(forwards)
+        return ragged_forward(self.model, forwards)
 
 
 def default_draft_model() -> str | None:
@@ -213,6 +223,7 @@ def from_module(spec: str, model: torch.nn.Module, dtype: torch.dtype, returns_h
         returns_hidden_states=returns_hidden_states,
         supports_trees=supports_trees,
         hidden_size=int(getattr(config, "hidden_size", 0) or 0),
+        supports_batching=supports_ragged(model) or hasattr(model, "forward_batch"),
     )
 
 
