@@ -3,12 +3,17 @@
 What it serves: every chain method (autoregressive, prompt lookup, a token draft as the
 draft, a token draft hosted on it), hidden states (the last hidden state after the final
 norm, read as llama.cpp's per-token embeddings: a feature draft works with a target on
-this engine), and tree verification (each root-to-leaf path of a tree is one llama.cpp
-sequence id, so a node attends to the cache and its own ancestors only). It cannot host
+this engine), tree verification (each root-to-leaf path of a tree is one llama.cpp
+sequence id, so a node attends to the cache and its own ancestors only), and batched
+forwards (`forward_batch`: the rows of many sessions in one llama_decode). It cannot host
 a project drafter or a feature draft (those are PyTorch modules).
 
-One llama.cpp context per session; contexts are pooled and reused, so a new request
-does not allocate. All calls for one engine happen on the service's model thread.
+Sessions live in shared contexts (`runtime/llama_batch.py`): each context holds
+`batch_slots` sessions, one sequence id each, and is created when the ones before are
+full, so memory stays bounded by the number of sessions (n_ctx = batch_slots x the
+context window per context). Contexts are kept and reused, so a new request does not
+allocate. `batch_slots=1` gives every session a private context. All calls for one engine
+happen on the service's model thread.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-import numpy as np
 import torch
 
-# Sequence 0 is the session's sequence; 1..MAX_TREE_LEAVES carry the paths of a tree.
+from specserve.runtime.engine import Forward, ForwardResult
+from specserve.runtime.llama_batch import HIDDEN_CHUNK, LLAMA_MAX_SEQ, ContextHome, Job, decode_jobs
+
+# The most root-to-leaf paths one tree may have (each borrows a sequence id while in the cache).
 MAX_TREE_LEAVES = 64
-# Rows per llama_decode call when every row is an output (hidden states): bounds the output buffer.
-HIDDEN_CHUNK = 128
+# Sessions per shared context by default: rows of up to this many sessions share a llama_decode.
+BATCH_SLOTS = 16
 
 
 def _llama():
@@ -42,17 +49,19 @@ _LOG_CALLBACK = None  # the ctypes wrapper must outlive every call into llama.cp
 
 
 class LlamaEngine:
-    """A GGUF model loaded once; `new_session()` hands out a KV cache (a pooled context)."""
+    """A GGUF model loaded once; `new_session()` hands out a KV cache (a slot in a shared context)."""
 
     engine_name = "llama.cpp"
     returns_hidden_states = True
     supports_trees = True
     needs_target_hidden_states = False
-    supports_batching = False  # each session has a context of its own
+    supports_batching = True
 
     def __init__(self, spec: str, path: Path, threads: int | None = None, context_tokens: int = 4096,
-                 batch_tokens: int = 512):
+                 batch_tokens: int = 512, batch_slots: int = BATCH_SLOTS):
         global _LOG_CALLBACK
+        if not 1 <= batch_slots <= LLAMA_MAX_SEQ - MAX_TREE_LEAVES:
+            raise ValueError(f"batch_slots must be in [1, {LLAMA_MAX_SEQ - MAX_TREE_LEAVES}], got {batch_slots}")
         ll = _llama()
         if _LOG_CALLBACK is None:
             _LOG_CALLBACK = ll.llama_log_callback(_log_errors_only)
@@ -70,101 +79,110 @@ class LlamaEngine:
         self.hidden_size = int(ll.llama_model_n_embd(self.model))
         self.max_context_tokens = min(context_tokens, int(ll.llama_model_n_ctx_train(self.model)))
         self.batch_tokens = batch_tokens
+        self.batch_slots = batch_slots
         self.eos_token_ids = frozenset(t for t in range(self.vocab_size) if ll.llama_vocab_is_eog(self.vocab, t))
         description = ctypes.create_string_buffer(256)
         ll.llama_model_desc(self.model, description, len(description))
         self.dtype_name = description.value.decode().split()[-1]  # "llama 135M Q4_1" -> "Q4_1"
-        self._free_contexts: list = []
+        self._homes: list[ContextHome] = []
 
     def new_session(self) -> LlamaSession:
         return LlamaSession(self)
 
-    def _acquire_context(self):
-        if self._free_contexts:
-            return self._free_contexts.pop()
-        ll = _llama()
-        params = ll.llama_context_default_params()
-        params.n_ctx = self.max_context_tokens
-        params.n_batch = params.n_ubatch = self.batch_tokens
-        params.n_seq_max = MAX_TREE_LEAVES + 1
-        params.kv_unified = True  # one cell store: copying a sequence id onto the context is free
-        params.n_threads = params.n_threads_batch = self.threads
-        params.pooling_type = ll.LLAMA_POOLING_TYPE_NONE  # embeddings = per-token hidden states
-        params.embeddings = False
-        params.no_perf = True
-        context = ll.llama_init_from_model(self.model, params)
-        if not context:
-            raise RuntimeError("llama.cpp could not create a context")
-        return context
+    def forward_batch(self, forwards: list[Forward]) -> list[ForwardResult]:
+        """Every forward in one llama_decode per shared context involved (see `runtime/engine.py`)."""
+        sessions = [f.session for f in forwards]
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise ValueError("forward_batch: each session may appear once")
+        for s in sessions:
+            if not isinstance(s, LlamaSession) or s.engine is not self or s.home is None:
+                raise ValueError("forward_batch: every session must be an open session of this engine")
+        plans = [s._plan(f.token_ids, f.positions, f.visible) for s, f in zip(sessions, forwards)]
+        jobs: list[Job] = []
+        try:
+            for s, f, plan in zip(sessions, forwards, plans):
+                jobs.append(s._job(f.token_ids, plan, f.logits_for, f.hidden))
+        except BaseException:  # e.g. tree ids exhausted: give back what the earlier trees borrowed
+            for job in jobs:
+                job.session._abandon(job)
+            raise
+        results = self._run(jobs)
+        return [(None if logits is None else torch.from_numpy(logits),  # [logits_for, V]
+                 None if hidden is None else torch.from_numpy(hidden)) for logits, hidden in results]  # [n, H]
 
-    def _release_context(self, context) -> None:
-        _llama().llama_memory_clear(_llama().llama_get_memory(context), True)
-        self._free_contexts.append(context)
+    def _run(self, jobs: list[Job]) -> list[tuple]:
+        """Decodes the jobs, one decode per home; commits every session's growth or none."""
+        by_home: dict[int, list[int]] = {}
+        for index, job in enumerate(jobs):
+            by_home.setdefault(id(job.session.home), []).append(index)
+        results: list[tuple] = [None] * len(jobs)
+        try:
+            for indices in by_home.values():
+                home = jobs[indices[0]].session.home
+                batch = [jobs[i] for i in indices]
+                for i, result in zip(indices, decode_jobs(home, batch, self.vocab_size, self.hidden_size,
+                                                          self.batch_tokens)):
+                    results[i] = result
+        except BaseException:
+            for job in jobs:
+                job.session._abandon(job)
+            raise
+        for job in jobs:
+            job.session._commit(job)
+        return results
+
+    def _place(self) -> tuple[ContextHome, int]:
+        """A free session slot: in the fullest shared context with room, else in a new one."""
+        open_homes = [h for h in self._homes if h.free_slots]
+        if open_homes:
+            home = max(open_homes, key=lambda h: h.in_use)
+        else:
+            tree_ids = MAX_TREE_LEAVES if self.batch_slots == 1 else LLAMA_MAX_SEQ - self.batch_slots
+            home = ContextHome(self, self.batch_slots, tree_ids)
+            self._homes.append(home)
+        return home, home.take_slot()
 
     def close(self) -> None:
-        ll = _llama()
-        for context in self._free_contexts:
-            ll.llama_free(context)
-        self._free_contexts = []
+        for home in self._homes:
+            home.free()
+        self._homes = []
         if self.model:
-            ll.llama_model_free(self.model)
+            _llama().llama_model_free(self.model)
             self.model = None
 
 
 class LlamaSession:
-    """One sequence's KV cache in a llama.cpp context (see `runtime/engine.py`)."""
+    """One sequence's KV cache: a sequence id in a shared llama.cpp context (see `runtime/engine.py`)."""
 
     vocab_ids = None
 
     def __init__(self, engine: LlamaEngine):
-        ll = _llama()
         self.engine = engine
-        self.context = engine._acquire_context()
-        self.memory = ll.llama_get_memory(self.context)
-        ll.llama_set_embeddings(self.context, False)  # a pooled context may come with them on
-        self.batch = ll.llama_batch_init(engine.batch_tokens, 0, MAX_TREE_LEAVES + 1)
+        self.home, self.seq = engine._place()
         self.length = 0
-        self._embeddings_on = False
-        self._tree: tuple[int, list[list[int]]] | None = None  # (start, sequence ids of each node)
+        self._tree: tuple[int, list[list[int]], list[int]] | None = None  # (start, ids of each node, borrowed ids)
 
     def extend(self, token_ids: list[int], logits_for: int = 1) -> torch.Tensor:
-        logits, _ = self._run(token_ids, [self.length + i for i in range(len(token_ids))], None, logits_for, False)
+        logits, _ = self._alone(token_ids, None, None, logits_for, False)
         return logits
 
     def extend_with_hidden(self, token_ids: list[int], logits_for: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._run(token_ids, [self.length + i for i in range(len(token_ids))], None, logits_for, True)
+        return self._alone(token_ids, None, None, logits_for, True)
 
     def extend_tree(self, token_ids: list[int], positions: list[int], visible: torch.Tensor,
                     return_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        n, m = visible.shape
-        if m != n:
-            raise ValueError("the llama.cpp engine takes a whole tree in one call (visible must be [n, n])")
-        # visible[i] = ancestors of i and i itself; a leaf is no other node's ancestor.
-        visible = visible.bool()
-        is_ancestor = visible.clone()
-        is_ancestor.fill_diagonal_(False)
-        leaves = [i for i in range(n) if not bool(is_ancestor[:, i].any())]
-        if len(leaves) > MAX_TREE_LEAVES:
-            raise ValueError(f"a tree of {len(leaves)} leaves; the llama.cpp engine takes at most {MAX_TREE_LEAVES}")
-        sequences = [[1 + s for s, leaf in enumerate(leaves) if bool(visible[leaf, i])] for i in range(n)]
-        ll = _llama()
-        for s in range(1, len(leaves) + 1):
-            ll.llama_memory_seq_cp(self.memory, 0, s, -1, -1)  # every path sees the whole context
-        start = self.length
-        logits, hidden = self._run(token_ids, positions, sequences, n, return_hidden)
-        self._tree = (start, sequences)
-        return logits, hidden
+        return self._alone(token_ids, positions, visible, len(token_ids), return_hidden)
 
     def keep(self, start: int, offsets: list[int]) -> None:
         ll = _llama()
         if self._tree is not None:
-            tree_start, sequences = self._tree
+            tree_start, sequences, _ = self._tree
             if start != tree_start:
                 raise ValueError(f"keep({start}): the tree was appended at {tree_start}")
             path_seq = sequences[offsets[-1]][0]  # a path through the last kept node
             end = start + len(offsets)
-            ll.llama_memory_seq_rm(self.memory, path_seq, end, -1)
-            ll.llama_memory_seq_cp(self.memory, path_seq, 0, start, end)
+            ll.llama_memory_seq_rm(self.home.memory, path_seq, end, -1)
+            ll.llama_memory_seq_cp(self.home.memory, path_seq, self.seq, start, end)
             self._drop_tree()
             self.length = end
             return
@@ -177,14 +195,14 @@ class LlamaSession:
             raise ValueError(f"cannot roll back to {length}: the cache holds {self.length} tokens")
         self._drop_tree()
         if length < self.length:
-            _llama().llama_memory_seq_rm(self.memory, -1, length, -1)
+            _llama().llama_memory_seq_rm(self.home.memory, self.seq, length, -1)
             self.length = length
 
     def close(self) -> None:
-        if self.context is not None:
-            _llama().llama_batch_free(self.batch)
-            self.engine._release_context(self.context)
-            self.context = None
+        if self.home is not None:
+            self._drop_tree()
+            self.home.free_slot(self.seq)
+            self.home = None
 
     def __del__(self):
         try:
@@ -194,57 +212,61 @@ class LlamaSession:
 
     def _drop_tree(self) -> None:
         """Removes the tree's sequence ids everywhere: cells only they held are freed."""
-        if self._tree is None:
-            return
-        ll = _llama()
-        for s in range(1, 1 + max(max(seqs) for seqs in self._tree[1])):
-            ll.llama_memory_seq_rm(self.memory, s, -1, -1)
-        self._tree = None
+        if self._tree is not None:
+            self.home.return_tree_ids(self._tree[2])
+            self._tree = None
 
-    def _run(self, token_ids: list[int], positions: list[int], sequences: list[list[int]] | None,
-             logits_for: int, hidden: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Decodes in chunks; logits [logits_for, V] of the last rows and hidden [n, H] if asked."""
-        ll = _llama()
+    def _alone(self, token_ids, positions, visible, logits_for, hidden):
+        if self.home is None:
+            raise ValueError("the session is closed")
+        if not 1 <= logits_for <= len(token_ids):
+            raise ValueError(f"extend: {len(token_ids)} tokens, logits for {logits_for}")
+        job = self._job(token_ids, self._plan(token_ids, positions, visible), logits_for, hidden)
+        logits, states = self.engine._run([job])[0]
+        return torch.from_numpy(logits), (None if states is None else torch.from_numpy(states))  # [l, V], [n, H]
+
+    def _plan(self, token_ids: list[int], positions: list[int] | None, visible: torch.Tensor | None):
+        """Checks rows before anything runs: (positions, tree leaves or None)."""
         n = len(token_ids)
-        if n == 0 or not 1 <= logits_for <= n:
-            raise ValueError(f"extend: {n} tokens, logits for {logits_for}")
+        if n == 0:
+            raise ValueError("extend: no tokens")
         if self.length + n > self.engine.max_context_tokens:
             raise ValueError(f"{self.length + n} tokens exceed the context window of {self.engine.max_context_tokens}")
-        if hidden != self._embeddings_on:
-            ll.llama_set_embeddings(self.context, hidden)  # with embeddings on, every row is an output
-            self._embeddings_on = hidden
-        chunk = HIDDEN_CHUNK if hidden else self.engine.batch_tokens
-        if sequences is not None and n > chunk:
-            raise ValueError(f"a tree of {n} nodes; the llama.cpp engine takes at most {chunk} in one call")
-        vocab, width = self.engine.vocab_size, self.engine.hidden_size
-        logit_rows: list[np.ndarray] = []
-        hidden_rows: list[np.ndarray] = []
-        batch = self.batch
-        for begin in range(0, n, chunk):
-            end = min(n, begin + chunk)
-            for row, i in enumerate(range(begin, end)):
-                batch.token[row] = token_ids[i]
-                batch.pos[row] = positions[i]
-                seqs = sequences[i] if sequences is not None else (0,)
-                batch.n_seq_id[row] = len(seqs)
-                for j, s in enumerate(seqs):
-                    batch.seq_id[row][j] = s
-                batch.logits[row] = i >= n - logits_for
-            batch.n_tokens = end - begin
-            status = ll.llama_decode(self.context, batch)
-            if status != 0:
-                # A failed decode may leave part of the chunk in the cache: drop it.
-                ll.llama_memory_seq_rm(self.memory, -1, self.length, -1)
-                raise RuntimeError(f"llama_decode failed with status {status}")
-            self.length += end - begin
-            outputs = (end - begin) if hidden else max(0, end - max(begin, n - logits_for))
-            if outputs:
-                data = np.ctypeslib.as_array(ll.llama_get_logits(self.context), shape=(outputs * vocab,))
-                rows = data.reshape(outputs, vocab)  # [outputs, V]
-                keep_from = max(0, (n - logits_for) - begin) if hidden else 0
-                logit_rows.append(rows[keep_from:].copy())
-            if hidden:
-                data = np.ctypeslib.as_array(ll.llama_get_embeddings(self.context), shape=((end - begin) * width,))
-                hidden_rows.append(data.reshape(end - begin, width).copy())  # [rows, H]
-        logits = torch.from_numpy(np.concatenate(logit_rows))  # [logits_for, V]
-        return logits, (torch.from_numpy(np.concatenate(hidden_rows)) if hidden else None)
+        if visible is None:
+            return list(range(self.length, self.length + n)), None
+        if visible.shape != (n, n):
+            raise ValueError("the llama.cpp engine takes a whole tree in one call (visible must be [n, n])")
+        if n > HIDDEN_CHUNK:
+            raise ValueError(f"a tree of {n} nodes; the llama.cpp engine takes at most {HIDDEN_CHUNK} in one call")
+        # visible[i] = ancestors of i and i itself; a leaf is no other node's ancestor.
+        visible = visible.bool()
+        is_ancestor = visible.clone()
+        is_ancestor.fill_diagonal_(False)
+        leaves = [i for i in range(n) if not bool(is_ancestor[:, i].any())]
+        if len(leaves) > MAX_TREE_LEAVES:
+            raise ValueError(f"a tree of {len(leaves)} leaves; the llama.cpp engine takes at most {MAX_TREE_LEAVES}")
+        return list(positions), (leaves, visible)
+
+    def _job(self, token_ids: list[int], plan, logits_for: int, hidden: bool) -> Job:
+        """The rows to decode; a tree borrows one sequence id per leaf, each seeing the whole cache."""
+        positions, tree = plan
+        if tree is None:
+            return Job(self, token_ids, positions, [[self.seq]] * len(token_ids), logits_for, hidden, False)
+        self._drop_tree()  # a tree not kept before the next one is dropped, as rollback would
+        leaves, visible = tree
+        ids = self.home.borrow_tree_ids(len(leaves))
+        ll = _llama()
+        for s in ids:
+            ll.llama_memory_seq_cp(self.home.memory, self.seq, s, -1, -1)
+        sequences = [[ids[k] for k, leaf in enumerate(leaves) if bool(visible[leaf, i])] for i in range(len(token_ids))]
+        self._tree = (self.length, sequences, ids)
+        return Job(self, token_ids, positions, sequences, logits_for, hidden, True)
+
+    def _commit(self, job: Job) -> None:
+        self.length += len(job.token_ids)
+
+    def _abandon(self, job: Job) -> None:
+        """A batch failed or never ran: drops whatever of it reached the cache."""
+        if job.is_tree:
+            self._drop_tree()
+        _llama().llama_memory_seq_rm(self.home.memory, self.seq, self.length, -1)
