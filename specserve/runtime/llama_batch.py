@@ -8,6 +8,7 @@ Every row of a llama_batch carries its own sequence ids and position, so rows of
 sessions of one home go through one llama_decode (`decode_jobs`), each row attending only
 to the cells of its own sequence ids.
 
+Rows come out bit-identical whatever they are batched with (see the V cache type below).
 The cost of sharing: llama.cpp computes attention over the whole cell store, masked, so a
 row's attention work grows with the tokens of every session in its home, not only its own
 (the weight products, most of a forward at short contexts, are what a shared pass saves).
@@ -48,6 +49,13 @@ class ContextHome:
         params.pooling_type = ll.LLAMA_POOLING_TYPE_NONE  # embeddings = per-token hidden states
         params.embeddings = False
         params.no_perf = True
+        # Flash attention with a Q8_0 V cache accumulates every row's attention in float32 and
+        # skips masked cells, so a row's result does not depend on the batch it runs in nor on
+        # other sessions' cells (with an F16 V cache, llama.cpp's CPU path picks a different
+        # accumulator for one-row decodes over 512+ cells: logits moved by up to ~1 and a greedy
+        # choice could flip between a verify chain and plain decoding).
+        params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        params.type_v = ll.GGML_TYPE_Q8_0
         self.context = ll.llama_init_from_model(engine.model, params)
         if not self.context:
             raise RuntimeError("llama.cpp could not create a context")
