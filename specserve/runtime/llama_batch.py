@@ -44,6 +44,7 @@ class ContextHome:
         params.n_ctx = slots * engine.max_context_tokens + (engine.batch_tokens if slots > 1 else 0)
         params.n_batch = params.n_ubatch = engine.batch_tokens
         params.n_seq_max = slots + tree_ids
+        params.n_outputs_max = max(engine.batch_tokens, params.n_seq_max)  # llama.cpp reserves n_seq_max outputs
         params.kv_unified = True  # one cell store: copying a sequence id onto cells is free
         params.n_threads = params.n_threads_batch = engine.threads
         params.pooling_type = ll.LLAMA_POOLING_TYPE_NONE  # embeddings = per-token hidden states
