@@ -17,7 +17,7 @@ from specserve.core.distributions import to_sparse
 from specserve.core.errors import FailedPrecondition, InvalidArgument
 from specserve.core.sampling import SamplingConfig, make_generator, next_token, warp
 from specserve.core.tree import DraftTree, TreeShape, accept_greedy_tree, ancestor_mask
-from specserve.runtime.engine import Engine, tree_fallback_path
+from specserve.runtime.engine import Engine, Forward, Op, run_alone, tree_fallback_path
 
 SparseRow = tuple[list[int], list[float]]
 
@@ -72,22 +72,34 @@ class TargetWorker(_SessionBase):
         self.return_hidden_states = False
         self.last_hidden_states: torch.Tensor | None = None
 
-    def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> int:
+    # Each op comes twice: `x_op` yields its forward passes (a scheduler batches them with
+    # other sessions'), `x` runs it alone.
+    def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False,
+              **options) -> int:
+        return run_alone(self.start_op(prompt, sampling, seed, return_hidden_states, **options))
+
+    def verify(self, committed_len: int, token_ids: list[int], draft_probs: torch.Tensor | None) -> Verdict:
+        return run_alone(self.verify_op(committed_len, token_ids, draft_probs))
+
+    def verify_tree(self, committed_len: int, pending: int, tree: DraftTree) -> Verdict:
+        return run_alone(self.verify_tree_op(committed_len, pending, tree))
+
+    def start_op(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> Op[int]:
         self._begin(prompt, sampling, seed)
         if return_hidden_states and not self.loaded.returns_hidden_states:
             raise InvalidArgument(f"return_hidden_states: the {self.loaded.engine_name} engine does not return hidden "
                                   "states (serve the target on the torch engine for a feature draft)")
         self.return_hidden_states = return_hidden_states
-        logits = self._extend(prompt, logits_for=1)  # [1, V]
+        logits = yield from self._extend_op(prompt, logits_for=1)  # [1, V]
         return next_token(logits[0], self.sampling, self.generator)
 
-    def _extend(self, token_ids: list[int], logits_for: int) -> torch.Tensor:
-        if not self.return_hidden_states:
-            return self.kv.extend(token_ids, logits_for=logits_for)
-        logits, self.last_hidden_states = self.kv.extend_with_hidden(token_ids, logits_for=logits_for)
+    def _extend_op(self, token_ids: list[int], logits_for: int) -> Op[torch.Tensor]:
+        logits, hidden = yield Forward(self.kv, token_ids, logits_for=logits_for, hidden=self.return_hidden_states)
+        if self.return_hidden_states:
+            self.last_hidden_states = hidden  # [n, H]
         return logits
 
-    def verify(self, committed_len: int, token_ids: list[int], draft_probs: torch.Tensor | None) -> Verdict:
+    def verify_op(self, committed_len: int, token_ids: list[int], draft_probs: torch.Tensor | None) -> Op[Verdict]:
         """token_ids = [pending, d1..dk]; draft_probs [k, V] or None (deterministic proposer)."""
         self._check_started()
         if committed_len != self.kv.length:
@@ -98,7 +110,7 @@ class TargetWorker(_SessionBase):
         proposal = token_ids[1:]
         if draft_probs is not None and draft_probs.shape[0] != len(proposal):
             raise InvalidArgument(f"draft_probs: {draft_probs.shape[0]} distributions for {len(proposal)} proposed tokens")
-        logits = self._extend(token_ids, logits_for=len(token_ids))  # [k+1, V]
+        logits = yield from self._extend_op(token_ids, logits_for=len(token_ids))  # [k+1, V]
         if self.sampling.greedy:
             verdict = accept_greedy(logits, proposal)
         else:
@@ -121,7 +133,7 @@ class TargetWorker(_SessionBase):
                                   f"the context window of {self.loaded.max_context_tokens}")
         return token_ids
 
-    def verify_tree(self, committed_len: int, pending: int, tree: DraftTree) -> Verdict:
+    def verify_tree_op(self, committed_len: int, pending: int, tree: DraftTree) -> Op[Verdict]:
         """Scores the pending token and every node of a tree in one forward pass (tree attention)
         and keeps the longest path the target agrees with. Greedy decoding only. An engine
         without tree attention verifies the tree's first-listed path as a chain instead."""
@@ -131,10 +143,10 @@ class TargetWorker(_SessionBase):
         token_ids = self._check_tree_op(committed_len, pending, tree)
         if not self.loaded.supports_trees:
             chain = [tree.tokens[i] for i in tree_fallback_path(tree.parents)]
-            return self.verify(committed_len, [pending, *chain], None)
+            return (yield from self.verify_op(committed_len, [pending, *chain], None))
         positions = [committed_len + d for d in [0, *tree.depths()]]
-        logits, hidden = self.kv.extend_tree(token_ids, positions, ancestor_mask(tree),
-                                             return_hidden=self.return_hidden_states)  # [n+1, V], [n+1, H]
+        logits, hidden = yield Forward(self.kv, token_ids, logits_for=len(token_ids), hidden=self.return_hidden_states,
+                                       positions=positions, visible=ancestor_mask(tree))  # [n+1, V], [n+1, H]
         verdict, path = accept_greedy_tree(logits, tree)
         kept = [0] + [1 + i for i in path]  # the pending token and the accepted nodes
         self.kv.keep(committed_len, kept)
@@ -156,14 +168,20 @@ class DraftWorker(_SessionBase):
         self.forward_passes = 0
 
     def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
+        return run_alone(self.start_op(prompt, sampling, seed))
+
+    def propose(self, committed_len: int, token_ids: list[int], k: int) -> tuple[list[int], list[SparseRow] | None]:
+        return run_alone(self.propose_op(committed_len, token_ids, k))
+
+    def start_op(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> Op[None]:
         self._begin(prompt, sampling, seed)
         # The prompt's last token goes in with the first propose call, so its logits are computed then.
         if len(prompt) > 1:
-            self.kv.extend(prompt[:-1])
+            yield Forward(self.kv, prompt[:-1], logits_for=0)
             self.forward_passes += 1
         self.held = list(prompt)
 
-    def propose(self, committed_len: int, token_ids: list[int], k: int) -> tuple[list[int], list[SparseRow] | None]:
+    def propose_op(self, committed_len: int, token_ids: list[int], k: int) -> Op[tuple[list[int], list[SparseRow] | None]]:
         """Proposals d1..dk and, when sampling, the sparse distribution each was drawn from."""
         self._check_started()
         if committed_len > len(self.held):
@@ -178,7 +196,7 @@ class DraftWorker(_SessionBase):
             raise InvalidArgument("token_ids: the draft's sequence would be empty")
         keep = min(committed_len, self.kv.length, len(self.held) - 1)
         self.kv.rollback(keep)
-        logits = self.kv.extend(self.held[keep:])[0]  # [V_out]
+        logits = (yield Forward(self.kv, self.held[keep:]))[0][0]  # [V_out]
         self.forward_passes += 1
         proposal: list[int] = []
         rows: list[SparseRow] = []
@@ -188,7 +206,7 @@ class DraftWorker(_SessionBase):
             if row is not None:
                 rows.append(row)
             if i < k - 1:
-                logits = self.kv.extend([token])[0]
+                logits = (yield Forward(self.kv, [token]))[0][0]  # [V_out]
                 self.forward_passes += 1
         self.held.extend(proposal)
         return proposal, (None if self.sampling.greedy else rows)
