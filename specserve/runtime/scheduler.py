@@ -13,6 +13,14 @@ ones (decoding steps, verify chains, trees) before long ones, so a long prompt n
 holds up decoding sessions; a chain that does not fit the remaining budget is split,
 and its head runs now (its KV is kept) while the rest waits for the next pass.
 
+Gathering: a session's next op comes back one network round trip after its op returns
+(through the orchestrator, and a draft step for some methods). Were a pass to start on the
+first op to arrive, sessions would split into cohorts that alternate passes, each waiting
+out the other's. So before a pass the thread waits, briefly, for the sessions whose next op
+is due soon: each session's gap between an op's return and its next op is measured, and
+the pass waits until every session due within half a pass has come (or is overdue). A
+lone session never waits.
+
 With an engine that cannot batch, or `batching=False`, each pass runs one forward alone.
 """
 
@@ -29,6 +37,8 @@ import torch
 from specserve.runtime.engine import Engine, Forward, ForwardResult, Op, run_forward
 
 LOAD_DECAY = 0.9  # per pass: how fast the reported mean batch follows the load
+GAP_DECAY = 0.7  # per returning op: how fast a session's gap estimate follows
+MAX_GAP_S = 0.2  # a longer gap between an op's return and the next is a pause, not part of decoding
 
 
 @dataclass
@@ -38,6 +48,7 @@ class _Pending:
     op: Op
     future: concurrent.futures.Future
     owner: object  # the worker the op belongs to: closing it drops the op
+    arrived: float = field(default_factory=time.perf_counter)
     forward: Forward | None = None
     since: float = 0.0  # when the forward began waiting
     hidden_parts: list[torch.Tensor] = field(default_factory=list)  # a split chain's earlier rows [n_i, H]
@@ -67,6 +78,9 @@ class BatchScheduler:
         self._waiting: list[_Pending] = []
         self._cv = threading.Condition()
         self._closed = False
+        self._returned: dict[int, float] = {}  # id(owner) -> when its last op returned
+        self._gap_s: dict[int, float] = {}  # id(owner) -> from an op's return to its next op (decaying mean)
+        self._last_pass_s = 0.0
         self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
         self._thread.start()
 
@@ -113,14 +127,42 @@ class BatchScheduler:
                         pending.future.cancel()
                     return
                 inbox, self._inbox = self._inbox, []
-            for kind, item in inbox:
-                if kind == "call":
-                    self._call(*item)
-                elif item.future.set_running_or_notify_cancel():  # False: the caller went away
-                    self._advance(item, None, first=True)
+            self._take(inbox)
             if self._waiting:
+                self._gather()
                 self._run_pass()
 
+    def _take(self, inbox: list) -> None:
+        for kind, item in inbox:
+            if kind == "call":
+                self._call(*item)
+            elif item.future.set_running_or_notify_cancel():  # False: the caller went away
+                owner = id(item.owner)
+                returned = self._returned.pop(owner, None)
+                if returned is not None and 0 <= (gap := item.arrived - returned) < MAX_GAP_S:
+                    last = self._gap_s.get(owner)
+                    self._gap_s[owner] = gap if last is None else GAP_DECAY * last + (1 - GAP_DECAY) * gap
+                self._advance(item, None, first=True)
+
+    def _gather(self) -> None:
+        """Waits (see the module doc) for ops of sessions that are likely on their way back."""
+        if not self.batching:
+            return
+        began = time.perf_counter()
+        while True:
+            now = time.perf_counter()
+            limit = began + 0.5 * self._last_pass_s
+            # When each session whose op is out is due back (1.5 gaps: a little slack).
+            due = [t + 1.5 * self._gap_s[o] for o, t in self._returned.items() if o in self._gap_s]
+            due = [d for d in due if now < d <= limit]
+            if not due:
+                return
+            deadline = max(due)
+            with self._cv:
+                if not self._inbox and not self._closed:
+                    self._cv.wait(deadline - now)
+                inbox, self._inbox = self._inbox, []
+            self._take(inbox)
     def _call(self, fn: Callable, args: tuple, future: concurrent.futures.Future, drop_ops_of: object) -> None:
         if drop_ops_of is not None:
             for pending in [p for p in self._waiting if p.owner is drop_ops_of]:
@@ -128,6 +170,8 @@ class BatchScheduler:
                 pending.op.close()
                 pending.future.set_exception(concurrent.futures.CancelledError("the session closed"))
             self.last_pass_tokens.pop(id(drop_ops_of), None)
+            self._returned.pop(id(drop_ops_of), None)
+            self._gap_s.pop(id(drop_ops_of), None)
         if not future.set_running_or_notify_cancel():
             return
         try:
@@ -140,9 +184,11 @@ class BatchScheduler:
         try:
             forward = next(pending.op) if first else pending.op.send(result)
         except StopIteration as done:
+            self._returned[id(pending.owner)] = time.perf_counter()
             pending.future.set_result(done.value)
             return
         except BaseException as error:  # noqa: BLE001 (an op's error is its caller's)
+            self._returned[id(pending.owner)] = time.perf_counter()
             pending.future.set_exception(error)
             return
         pending.forward, pending.since, pending.hidden_parts = forward, time.perf_counter(), []
@@ -166,7 +212,8 @@ class BatchScheduler:
             return
         tokens = sum(len(f.token_ids) for f in forwards)
         self.mean_batch_tokens = LOAD_DECAY * self.mean_batch_tokens + (1 - LOAD_DECAY) * tokens
-        record = PassRecord(len(forwards), tokens, (time.perf_counter() - began) * 1e3)
+        self._last_pass_s = time.perf_counter() - began
+        record = PassRecord(len(forwards), tokens, self._last_pass_s * 1e3)
         for (pending, part), (logits, hidden) in zip(chosen, results):
             self.last_pass_tokens[id(pending.owner)] = tokens
             if part is not pending.forward:  # the head of a split chain: the rest waits
