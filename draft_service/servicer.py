@@ -26,7 +26,7 @@ class DraftServicer(SessionServicer, draft_pb2_grpc.DraftServiceServicer):
         if op == "start":
             start = request.start
             args = (list(start.prompt_token_ids), sampling_from_proto(start.sampling), start.seed)
-            if isinstance(worker, FeatureDraftWorker):  # it runs its module directly: not batched
+            if isinstance(worker, FeatureDraftWorker):  # its start runs no forward pass
                 await self.host.run(worker.start, *args)
             else:
                 await self.host.run_op(worker.start_op(*args), worker)
@@ -40,7 +40,8 @@ class DraftServicer(SessionServicer, draft_pb2_grpc.DraftServiceServicer):
             shape.check("tree")
             sent = propose.HasField("hidden_states")
             hidden = hidden_states.from_proto(propose.hidden_states) if sent else None  # [len(token_ids), H]
-            tree = await self.host.run(worker.propose_tree, propose.committed_len, list(propose.token_ids), hidden, shape)
+            tree = await self.host.run_op(worker.propose_tree_op(propose.committed_len, list(propose.token_ids), hidden, shape),
+                                          worker)
             response.token_ids.extend(tree.tokens)
             response.parents.extend(tree.parents)
         elif op == "propose":
@@ -49,9 +50,7 @@ class DraftServicer(SessionServicer, draft_pb2_grpc.DraftServiceServicer):
             if isinstance(worker, FeatureDraftWorker):
                 sent = propose.HasField("hidden_states")
                 args.append(hidden_states.from_proto(propose.hidden_states) if sent else None)  # [len(token_ids), H]
-                tokens, rows = await self.host.run(worker.propose, *args)
-            else:
-                tokens, rows = await self.host.run_op(worker.propose_op(*args), worker)
+            tokens, rows = await self.host.run_op(worker.propose_op(*args), worker)
             response.token_ids.extend(tokens)
             for ids, probs in rows or []:
                 response.probs.append(common_pb2.SparseDistribution(token_ids=ids, probs=probs))

@@ -216,3 +216,41 @@ def test_concurrent_streams_through_the_api_equal_single_client_runs(tiny_stack)
     with grpc.insecure_channel(tiny_stack.target_address) as target_channel:
         info = target_pb2_grpc.TargetServiceStub(target_channel).GetInfo(model_service_pb2.GetInfoRequest(), timeout=10)
     assert info.batch_token_budget > 0 and info.mean_batch_tokens > 0
+
+
+def test_feature_draft_proposals_in_shared_passes_equal_each_alone(tiny_target, feature_draft):
+    """A feature draft's chains and trees (its rows carry the target's hidden states) from
+    several sessions in shared passes: the same proposals as each session alone."""
+    from conftest import teacher_forced_hidden
+
+    from specserve.core.tree import TreeShape
+    from specserve.runtime.workers import FeatureDraftWorker
+
+    assert feature_draft.supports_batching
+    items = prompts(4, seed=9)
+    shape = TreeShape(depth=3, width=2, branch=2, nodes=6)
+
+    def script(prompt, run):
+        worker = FeatureDraftWorker(feature_draft)
+        worker.start(prompt, SamplingConfig(), 0)
+        hidden = teacher_forced_hidden(tiny_target, prompt)  # [n, H]: the state before each next token
+        chain = run(worker.propose_op(1, prompt[1:], 4, hidden[:-1]), worker)
+        tree = run(worker.propose_tree_op(len(prompt), [chain[0][0]], hidden[-1:], shape), worker)
+        return chain, (tree.tokens, tree.parents)
+
+    alone = [script(p, lambda op, owner: run_alone(op)) for p in items]
+    passes = []
+    scheduler = BatchScheduler(feature_draft, token_budget=64, on_pass=passes.append)
+    barrier = threading.Barrier(len(items))
+
+    def scheduled(prompt):
+        barrier.wait()
+        return script(prompt, lambda op, owner: scheduler.submit_op(op, owner).result(timeout=60))
+
+    try:
+        with ThreadPoolExecutor(len(items)) as pool:
+            batched = list(pool.map(scheduled, items))
+    finally:
+        scheduler.close()
+    assert batched == alone
+    assert max(p.sessions for p in passes) >= 2

@@ -27,6 +27,7 @@ With an engine that cannot batch, or `batching=False`, each pass runs one forwar
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -259,9 +260,11 @@ class BatchScheduler:
         head = min(budget, n - forward.logits_for)
         if not forward.is_chain or head < 1:
             return None
-        rest = Forward(forward.session, forward.token_ids[head:], logits_for=forward.logits_for, hidden=forward.hidden)
-        pending.forward = rest
-        return Forward(forward.session, forward.token_ids[:head], logits_for=0, hidden=forward.hidden)
+        features = forward.features  # [n, H] or None
+        pending.forward = dataclasses.replace(forward, token_ids=forward.token_ids[head:],
+                                              features=None if features is None else features[head:])
+        return dataclasses.replace(forward, token_ids=forward.token_ids[:head], logits_for=0,
+                                   features=None if features is None else features[:head])
 
 
 DEFAULT_TOKEN_BUDGET = 256  # without a measured profile

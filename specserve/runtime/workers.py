@@ -219,7 +219,7 @@ class FeatureDraftWorker(_SessionBase):
     the target's hidden state at the position before; its cache holds one pair
     (h[j-1], x[j]) per such token. Proposals are never kept: they were drafted from
     predicted hidden states, so each call rolls the cache back to true pairs.
-    Needs the PyTorch engine (its session's module and cache are called directly).
+    Needs the PyTorch engine (its sessions take `Forward.features`).
     """
 
     def __init__(self, loaded: Engine):
@@ -234,9 +234,17 @@ class FeatureDraftWorker(_SessionBase):
 
     def propose(self, committed_len: int, token_ids: list[int], k: int, hidden_states: torch.Tensor | None
                 ) -> tuple[list[int], list[SparseRow] | None]:
+        return run_alone(self.propose_op(committed_len, token_ids, k, hidden_states))
+
+    def propose_tree(self, committed_len: int, token_ids: list[int], hidden_states: torch.Tensor | None,
+                     shape: TreeShape) -> DraftTree:
+        return run_alone(self.propose_tree_op(committed_len, token_ids, hidden_states, shape))
+
+    def propose_op(self, committed_len: int, token_ids: list[int], k: int, hidden_states: torch.Tensor | None
+                   ) -> Op[tuple[list[int], list[SparseRow] | None]]:
         """hidden_states [len(token_ids), H]: the target's state before each new token."""
         self._check_started()
-        logits, predicted = self._true_pairs(committed_len, token_ids, hidden_states, k)
+        logits, predicted = yield from self._true_pairs_op(committed_len, token_ids, hidden_states, k)
         proposal: list[int] = []
         rows: list[SparseRow] = []
         for i in range(k):
@@ -245,11 +253,11 @@ class FeatureDraftWorker(_SessionBase):
             if row is not None:
                 rows.append(row)
             if i < k - 1:
-                logits, predicted = self._forward([token], predicted[-1:])
+                logits, predicted = yield from self._forward_op([token], predicted[-1:])
         return proposal, (None if self.sampling.greedy else rows)
 
-    def propose_tree(self, committed_len: int, token_ids: list[int], hidden_states: torch.Tensor | None,
-                     shape: TreeShape) -> DraftTree:
+    def propose_tree_op(self, committed_len: int, token_ids: list[int], hidden_states: torch.Tensor | None,
+                        shape: TreeShape) -> Op[DraftTree]:
         """A tree of candidate continuations, greedy decoding (see `TreeShape`).
 
         Depth by depth, the `width` most probable nodes (by the draft's probability of the
@@ -260,7 +268,7 @@ class FeatureDraftWorker(_SessionBase):
         self._check_started()
         if not self.sampling.greedy:
             raise InvalidArgument("tree: trees are drafted for greedy decoding only")
-        logits, predicted = self._true_pairs(committed_len, token_ids, hidden_states, shape.depth)
+        logits, predicted = yield from self._true_pairs_op(committed_len, token_ids, hidden_states, shape.depth)
         base = self.kv.length  # pairs in the cache; the root's pair is the last
         nodes: list[_Node] = []
         frontier = self._children(nodes, -1, logits, 0.0, shape.branch)
@@ -274,16 +282,15 @@ class FeatureDraftWorker(_SessionBase):
                 for j in _path(nodes, i):
                     visible[row, slots[j]] = True
             positions = [base - 1 + nodes[i].depth for i in frontier]
-            with torch.inference_mode():
-                out_logits, out_states = self.kv.extend_masked(
-                    [nodes[i].token for i in frontier], positions, visible, module=self.kv.model,
-                    target_hidden=inputs[None].to(self.loaded.dtype))  # [1, f, V_out], [1, f, H]
+            out_logits, out_states = yield Forward(self.kv, [nodes[i].token for i in frontier], logits_for=len(frontier),
+                                                   hidden=True, positions=positions, visible=visible,
+                                                   features=inputs)  # [f, V_out], [f, H]
             self.forward_passes += 1
             fed += frontier
             children: list[int] = []
             for row, i in enumerate(frontier):
-                nodes[i].feature = out_states[0, row]
-                children += self._children(nodes, i, out_logits[0, row].float(), nodes[i].score, shape.branch)
+                nodes[i].feature = out_states[row]
+                children += self._children(nodes, i, out_logits[row], nodes[i].score, shape.branch)
             frontier = children
         return _select(nodes, shape.nodes)
 
@@ -300,8 +307,8 @@ class FeatureDraftWorker(_SessionBase):
             added.append(len(nodes) - 1)
         return added
 
-    def _true_pairs(self, committed_len: int, token_ids: list[int], hidden_states: torch.Tensor | None, k: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _true_pairs_op(self, committed_len: int, token_ids: list[int], hidden_states: torch.Tensor | None, k: int
+                       ) -> Op[tuple[torch.Tensor, torch.Tensor]]:
         """Checks a propose op, brings the cache up to date with true pairs; (logits [V_out], predicted [n, H])."""
         if not 1 <= committed_len <= len(self.held):
             raise FailedPrecondition(f"committed_len is {committed_len} but the draft holds {len(self.held)} tokens with hidden states")
@@ -317,18 +324,13 @@ class FeatureDraftWorker(_SessionBase):
             raise InvalidArgument("num_tokens: the proposals would exceed the draft's context window")
         self.held = self.held[:committed_len] + list(token_ids)
         self.kv.rollback(min(self.kv.length, committed_len - 1))  # pairs are one fewer than tokens
-        return self._forward(list(token_ids), hidden_states)
+        return (yield from self._forward_op(list(token_ids), hidden_states))
 
-    @torch.inference_mode()
-    def _forward(self, token_ids: list[int], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_op(self, token_ids: list[int], hidden: torch.Tensor) -> Op[tuple[torch.Tensor, torch.Tensor]]:
         """Appends pairs; (float32 logits [V_out] of the last, predicted hidden states [n, H])."""
-        model = self.kv.model
-        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.kv.device)  # [1, n]
-        hidden = hidden.to(device=self.kv.device, dtype=self.loaded.dtype)[None]  # [1, n, H]
-        logits, predicted = model(input_ids, hidden, past_key_values=self.kv.cache, use_cache=True, logits_to_keep=1)
-        self.kv.length += len(token_ids)
+        logits, predicted = yield Forward(self.kv, token_ids, logits_for=1, hidden=True, features=hidden)  # [1, V_out], [n, H]
         self.forward_passes += 1
-        return logits[0, -1].float().cpu(), predicted[0]
+        return logits[0], predicted
 
 
 def _choose(logits: torch.Tensor, vocab_ids: torch.Tensor | None, sampling: SamplingConfig,
