@@ -123,9 +123,15 @@ class BatchScheduler:
             with self._cv:
                 while not self._inbox and not self._waiting and not self._closed:
                     self._cv.wait()
-                if self._closed:
+                if self._closed:  # nothing more will run: every caller still waiting hears so
+                    stopped = RuntimeError("the model thread has stopped")
                     for pending in self._waiting:
-                        pending.future.cancel()
+                        pending.op.close()
+                        pending.future.set_exception(stopped)
+                    for kind, item in self._inbox:
+                        future = item.future if kind == "op" else item[2]
+                        if future.set_running_or_notify_cancel():
+                            future.set_exception(stopped)
                     return
                 inbox, self._inbox = self._inbox, []
             self._take(inbox)
