@@ -25,7 +25,11 @@ class DraftServicer(SessionServicer, draft_pb2_grpc.DraftServiceServicer):
         response = draft_pb2.DraftResponse(op_id=request.op_id)
         if op == "start":
             start = request.start
-            await self.host.run(worker.start, list(start.prompt_token_ids), sampling_from_proto(start.sampling), start.seed)
+            args = (list(start.prompt_token_ids), sampling_from_proto(start.sampling), start.seed)
+            if isinstance(worker, FeatureDraftWorker):  # its start runs no forward pass
+                await self.host.run(worker.start, *args)
+            else:
+                await self.host.run_op(worker.start_op(*args), worker)
         elif op == "propose" and request.propose.HasField("tree"):
             propose = request.propose
             if not isinstance(worker, FeatureDraftWorker):
@@ -36,7 +40,8 @@ class DraftServicer(SessionServicer, draft_pb2_grpc.DraftServiceServicer):
             shape.check("tree")
             sent = propose.HasField("hidden_states")
             hidden = hidden_states.from_proto(propose.hidden_states) if sent else None  # [len(token_ids), H]
-            tree = await self.host.run(worker.propose_tree, propose.committed_len, list(propose.token_ids), hidden, shape)
+            tree = await self.host.run_op(worker.propose_tree_op(propose.committed_len, list(propose.token_ids), hidden, shape),
+                                          worker)
             response.token_ids.extend(tree.tokens)
             response.parents.extend(tree.parents)
         elif op == "propose":
@@ -45,7 +50,7 @@ class DraftServicer(SessionServicer, draft_pb2_grpc.DraftServiceServicer):
             if isinstance(worker, FeatureDraftWorker):
                 sent = propose.HasField("hidden_states")
                 args.append(hidden_states.from_proto(propose.hidden_states) if sent else None)  # [len(token_ids), H]
-            tokens, rows = await self.host.run(worker.propose, *args)
+            tokens, rows = await self.host.run_op(worker.propose_op(*args), worker)
             response.token_ids.extend(tokens)
             for ids, probs in rows or []:
                 response.probs.append(common_pb2.SparseDistribution(token_ids=ids, probs=probs))

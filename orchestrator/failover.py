@@ -84,6 +84,10 @@ class FailoverTargetSession:
         return self.session.last_compute_ms if self.session else 0.0
 
     @property
+    def last_batch_tokens(self) -> int:
+        return self.session.last_batch_tokens if self.session else 0
+
+    @property
     def last_hidden_states(self):
         return self.session.last_hidden_states if self.session else None
 

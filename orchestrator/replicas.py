@@ -79,6 +79,14 @@ class Replica:
         return self.sessions / max(1, self.info.max_sessions) if self.info else 0.0
 
     @property
+    def pass_load(self) -> float:
+        """How full the replica's forward passes ran lately (continuous batching: tokens per
+        pass over its budget; plus its backlog), at the last poll; 0 when it does not batch."""
+        if not self.info or not self.info.batch_token_budget:
+            return 0.0
+        return (self.info.mean_batch_tokens + self.info.queued_ops) / self.info.batch_token_budget
+
+    @property
     def full(self) -> bool:
         return self.info is not None and self.sessions >= self.info.max_sessions
 
@@ -115,7 +123,8 @@ class ReplicaSet:
         candidates = [r for r in healthy if not r.full]
         if not candidates:
             raise ReplicasFull(f"every {self.name} replica holds its limit of sessions")
-        replica = min(candidates, key=lambda r: (r.load, r.address))
+        # Sessions first; between replicas holding as many, the one whose passes run lighter.
+        replica = min(candidates, key=lambda r: (r.load, r.pass_load, r.address))
         replica.ours += 1
         return replica
 

@@ -69,6 +69,7 @@ class RemoteTargetSession:
         self.timeout_s = timeout_s
         self.stream: _Stream | None = None
         self.last_compute_ms = 0.0
+        self.last_batch_tokens = 0  # tokens in the target's forward pass of the last op, ours included
         # The last response's HiddenStates message, when the start op asked for them.
         self.last_hidden_states: common_pb2.HiddenStates | None = None
         self.last_candidates: Proposal | None = None
@@ -104,6 +105,7 @@ class RemoteTargetSession:
 
     async def _request(self, request: target_pb2.TargetRequest) -> target_pb2.TargetResponse:
         response = await self.stream.request(request)
+        self.last_batch_tokens = response.batch_tokens
         self.last_hidden_states = response.hidden_states if response.HasField("hidden_states") else None
         # A Medusa session's next candidates, computed by the heads beside the target.
         self.last_candidates = None

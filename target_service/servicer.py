@@ -7,7 +7,7 @@ import time
 from specserve.core.distributions import to_dense
 from specserve.core.errors import InvalidArgument
 from specserve.core.tree import split_tree
-from specserve.runtime.lookahead_worker import lookahead_step, unflatten
+from specserve.runtime.lookahead_worker import lookahead_op, unflatten
 from specserve.runtime.medusa_step import medusa_options_from_proto
 from specserve.runtime.workers import TargetWorker
 from specserve.serving import hidden_states
@@ -43,12 +43,12 @@ class TargetServicer(SessionServicer, target_pb2_grpc.TargetServiceServicer):
             args = [list(start.prompt_token_ids), sampling_from_proto(start.sampling), start.seed, start.return_hidden_states]
             if start.HasField("medusa"):
                 args.append(medusa_options_from_proto(start.medusa, self.heads, "start.medusa"))
-            token = await self.host.run(worker.start, *args)
+            token = await self.host.run_op(worker.start_op(*args), worker)
             tokens, accepted = [token], 0
         elif op == "verify" and request.verify.parents:
             verify = request.verify
             pending, tree = split_tree(list(verify.token_ids), list(verify.parents))  # greedy: draft_probs are ignored
-            verdict = await self.host.run(worker.verify_tree, verify.committed_len, pending, tree)
+            verdict = await self.host.run_op(worker.verify_tree_op(verify.committed_len, pending, tree), worker)
             tokens, accepted = verdict.tokens, verdict.accepted
         elif op == "verify":
             verify = request.verify
@@ -56,13 +56,14 @@ class TargetServicer(SessionServicer, target_pb2_grpc.TargetServiceServicer):
             if verify.draft_probs and not worker.sampling.greedy:
                 rows = [(d.token_ids, d.probs) for d in verify.draft_probs]
                 draft_probs = to_dense(rows, self.host.loaded.vocab_size)  # [k, V]
-            verdict = await self.host.run(worker.verify, verify.committed_len, list(verify.token_ids), draft_probs)
+            verdict = await self.host.run_op(worker.verify_op(verify.committed_len, list(verify.token_ids), draft_probs), worker)
             tokens, accepted = verdict.tokens, verdict.accepted
         elif op == "lookahead":
             step = request.lookahead
             levels, candidates = unflatten(step.window, list(step.window_tokens), list(step.candidate_tokens),
                                            list(step.candidate_lengths))
-            result = await self.host.run(lookahead_step, worker, step.committed_len, step.pending_token, levels, candidates)
+            result = await self.host.run_op(lookahead_op(worker, step.committed_len, step.pending_token, levels, candidates),
+                                            worker)
             tokens, accepted = result.verdict.tokens, result.verdict.accepted
             lookahead_tokens = result.next_level
         else:
@@ -74,6 +75,7 @@ class TargetServicer(SessionServicer, target_pb2_grpc.TargetServiceServicer):
             committed_len=worker.kv.length,
             compute_ms=(time.perf_counter() - began) * 1e3,
             lookahead_tokens=lookahead_tokens,
+            batch_tokens=self.host.scheduler.last_pass_tokens.get(id(worker), 0),
         )
         if worker.return_hidden_states:
             response.hidden_states.CopyFrom(hidden_states.to_proto(worker.last_hidden_states))  # [n, H]

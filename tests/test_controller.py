@@ -174,3 +174,27 @@ def test_dtype_auto_scores_each_dtypes_profile():
     # A draft is scored by its drafting step alone.
     fast = CostProfile(draft_step=CostTable.of([CostPoint(200, 1, 5.0)]))
     assert serving_rate(fast, "draft") == pytest.approx(0.2)
+
+
+# Flat up to 16 tokens, then every token costs 10 ms (a compute-bound pass past the knee).
+KNEE = target(lambda k, c: 40.0 + 0.5 * k if k <= 16 else 48.0 + 10.0 * (k - 16))
+
+
+def test_speculation_backs_off_as_the_batch_grows_and_returns_as_it_shrinks():
+    controller = SpeculationController(KNEE, None)
+    alone = drive(controller, 0.7, steps=100)
+    assert sum(p.k > 0 for p in alone[-50:]) >= 45  # alone, on the flat part: speculate
+    for _ in range(20):
+        controller.observe_load(300)  # 300 other tokens per pass: far past the knee
+    loaded = drive(controller, 0.7, steps=100)
+    assert sum(p.k > 0 and not p.probe for p in loaded[-50:]) == 0
+    for _ in range(20):
+        controller.observe_load(3)  # the load fell: extra rows are nearly free again
+    assert sum(p.k > 0 for p in drive(controller, 0.7, steps=100)[-50:]) >= 45
+
+
+def test_under_load_on_a_flat_curve_speculation_still_pays():
+    controller = SpeculationController(FLAT, None)
+    for _ in range(20):
+        controller.observe_load(300)
+    assert sum(p.k > 0 for p in drive(controller, 0.7, steps=100)[-50:]) >= 45

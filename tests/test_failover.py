@@ -158,3 +158,22 @@ def test_placement_prefers_the_least_loaded_replica_and_finds_new_ones(tiny_targ
         for process in processes:
             process.kill()
             process.wait()
+
+
+def test_placement_between_equally_held_replicas_prefers_lighter_passes():
+    """Continuous batching: two replicas with as many sessions; the one whose forward passes
+    ran fuller (or has a backlog) gets the next session only after the other."""
+    from orchestrator.replicas import Replica, ReplicaSet
+    from specserve.v1 import model_service_pb2
+
+    def info(mean_tokens: float, queued: int) -> model_service_pb2.ModelInfo:
+        return model_service_pb2.ModelInfo(max_sessions=8, active_sessions=2, batch_token_budget=64,
+                                           mean_batch_tokens=mean_tokens, queued_ops=queued)
+
+    replicas = ReplicaSet("target", "a:1,b:2", make_stub=lambda channel: None)
+    replicas.replicas = {
+        "a:1": Replica("a:1", None, None, info=info(60.0, 3), healthy=True, others=2),
+        "b:2": Replica("b:2", None, None, info=info(10.0, 0), healthy=True, others=2),
+    }
+    assert replicas.pick().address == "b:2"  # equal sessions: lighter passes
+    assert replicas.pick().address == "a:1"  # b now holds more sessions

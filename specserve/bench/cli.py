@@ -53,7 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads of the services and of this process, 0 = torch's default (on a busy machine 1 "
                              "is far faster: 2 threads on 2 shared cores stall in OpenMP barriers)")
-    parser.add_argument("--concurrency", default="1,4,16", help="client counts for the concurrency phase; '' skips it")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="client counts for the concurrency phase; '' skips it")
+    parser.add_argument("--concurrency-batching", default="on,off",
+                        help="the services' continuous batching in the concurrency phase: 'on' measures the main stack, "
+                             "'off' a second stack alike but for batching")
     parser.add_argument("--concurrency-requests", type=int, default=8, help="requests per level: max(level, this)")
     parser.add_argument("--concurrency-max-new-tokens", type=int, default=64)
     parser.add_argument("--overhead-step-ms", default="0,5,20", help="simulated target step times; '' skips the phase")
@@ -109,12 +112,21 @@ def run(args: argparse.Namespace) -> int:
         levels = [int(c) for c in _csv(args.concurrency)]
         if address and levels:
             from specserve.bench.concurrency import measure_concurrency
+            from specserve.launcher import Stack
 
-            total = sum(max(level, args.concurrency_requests) for level in levels) * len(methods)
+            settings = _csv(args.concurrency_batching)
+            total = sum(max(level, args.concurrency_requests) for level in levels) * len(methods) * len(settings)
             with tqdm(total=total, desc="concurrency", unit="req") as progress:
-                state["concurrency"] = measure_concurrency(address, prompts, methods, levels, args.concurrency_max_new_tokens,
-                                                           args.concurrency_requests, progress)
-            save()
+                for batching in settings:
+                    with contextlib.ExitStack() as other:
+                        where = address
+                        if batching == "off":  # a second stack, alike but for batching
+                            config = _stack_config(args, draft_model, methods, out / "logs-unbatched", batching="off")
+                            where = other.enter_context(Stack(config)).address
+                        rows = measure_concurrency(where, prompts, methods, levels, args.concurrency_max_new_tokens,
+                                                   args.concurrency_requests, progress)
+                    state["concurrency"] += [{"batching": batching, **row} for row in rows]
+                    save()
     if args.pool_passes:
         from specserve.bench.pool_passes import measure_pool_passes
 
@@ -149,11 +161,7 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
     address = ""
     runners = []
     if "distributed" in modes or "distributed_adaptive" in modes:
-        stack = resources.enter_context(Stack(StackConfig(
-            target_model=args.target_model, draft_model=draft_model if "draft_model" in methods else None, dtype=args.dtype,
-            port=0, redis=args.redis, default_method="autoregressive", threads=args.threads, engine=args.engine,
-            log_dir=out / "logs", tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch,
-            extra_env={"SPECSERVE_LOOKAHEAD": args.lookahead} if args.lookahead else {})))
+        stack = resources.enter_context(Stack(_stack_config(args, draft_model, methods, out / "logs")))
         address = stack.address
         if "distributed" in modes:
             runner = DistributedRunner(address)
@@ -219,6 +227,18 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
                 save()
     save()
     return address
+
+
+def _stack_config(args, draft_model, methods, log_dir: Path, batching: str = "on"):
+    from specserve.launcher import StackConfig
+
+    env = {"SPECSERVE_BATCHING": batching}
+    if args.lookahead:
+        env["SPECSERVE_LOOKAHEAD"] = args.lookahead
+    return StackConfig(
+        target_model=args.target_model, draft_model=draft_model if "draft_model" in methods else None, dtype=args.dtype,
+        port=0, redis=args.redis, default_method="autoregressive", threads=args.threads, engine=args.engine,
+        log_dir=log_dir, tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch, extra_env=env)
 
 
 def _threads(threads: int):

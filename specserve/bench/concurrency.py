@@ -2,8 +2,8 @@
 
 At concurrency c, c client threads share one channel and pull requests from a queue
 of max(c, min_requests) prompts (cycled); aggregate tokens/s = all generated tokens /
-the batch's wall time. The target service runs one forward pass at a time and does not
-batch sessions, so concurrent requests take turns on the model.
+the batch's wall time. With continuous batching on (the services' default), concurrent
+sessions' rows share the target's and the draft's forward passes; with it off they take turns.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ OVERHEAD_COLUMNS = [("step_ms", "target step ms", 0), ("mode", "mode", 0), ("ste
                     ("overhead_ms_p50", "overhead p50 ms", 3), ("overhead_ms_p99", "overhead p99 ms", 3),
                     ("overhead_fraction_p50", "overhead / step (p50)", 3),
                     ("outside_steps_ms_per_step", "outside-step ms per step", 2), ("tokens_per_s", "tok/s", 1)]
-CONCURRENCY_COLUMNS = [("concurrency", "clients", 0), ("method", "method", 0), ("requests", "requests", 0),
+CONCURRENCY_COLUMNS = [("batching", "batching", 0), ("concurrency", "clients", 0), ("method", "method", 0), ("requests", "requests", 0),
                        ("aggregate_tokens_per_s", "aggregate tok/s", 1), ("speedup", "speedup vs autoregressive", 2),
                        ("median_request_latency_s", "median latency s", 2), ("median_request_tokens_per_s", "per-request tok/s", 1)]
 

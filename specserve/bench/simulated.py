@@ -11,7 +11,9 @@ role target|draft, step_ms >= 0, accept in [0, 1] (draft only), vocab; defaults 
   otherwise; the coin is a hash of (position, token), so runs are reproducible and a
   proposal's fate does not depend on anything else. With greedy verification each
   proposal (after correct ones) is accepted with probability `accept`.
-- Every forward pass sleeps step_ms once, whatever the number of tokens.
+- Every forward pass sleeps step_ms + token_ms x its tokens (token_ms defaults to 0: a
+  GPU-like pass whose cost does not grow with its tokens). A batched pass over several
+  sessions (`forward_batch`, continuous batching) sleeps once for all of them.
 - The KV cache holds one [1, 1, n, 1] zero tensor per call, so `DynamicCache.crop` and
   `get_seq_length` (the position of the next token) work as for a real model.
 """
@@ -38,6 +40,7 @@ LOGIT_HIGH = 20.0  # the chosen token's logit; every other token's is 0
 class SimSpec:
     role: str = "target"
     step_ms: float = 0.0
+    token_ms: float = 0.0
     accept: float = 1.0
     vocab: int = VOCAB_SIZE
 
@@ -50,16 +53,17 @@ def parse_spec(spec: str) -> SimSpec:
     for item in filter(None, spec[4:].split(",")):
         key, sep, value = item.partition("=")
         if not sep or key not in SimSpec.__dataclass_fields__:
-            raise ValueError(f"{spec!r}: expected key=value with key in role, step_ms, accept, vocab; got {item!r}")
+            raise ValueError(f"{spec!r}: expected key=value with key in role, step_ms, token_ms, accept, vocab; got {item!r}")
         fields[key] = value
     parsed = SimSpec(
         role=fields.get("role", "target"),
         step_ms=float(fields.get("step_ms", 0.0)),
+        token_ms=float(fields.get("token_ms", 0.0)),
         accept=float(fields.get("accept", 1.0)),
         vocab=int(fields.get("vocab", VOCAB_SIZE)),
     )
-    if parsed.role not in ("target", "draft") or parsed.step_ms < 0 or not 0.0 <= parsed.accept <= 1.0:
-        raise ValueError(f"{spec!r}: role must be target|draft, step_ms >= 0, accept in [0, 1]")
+    if parsed.role not in ("target", "draft") or min(parsed.step_ms, parsed.token_ms) < 0 or not 0.0 <= parsed.accept <= 1.0:
+        raise ValueError(f"{spec!r}: role must be target|draft, step_ms and token_ms >= 0, accept in [0, 1]")
     if parsed.vocab <= FIRST_ORDINARY_TOKEN + 1:
         raise ValueError(f"{spec!r}: vocab must exceed {FIRST_ORDINARY_TOKEN + 1}")
     return parsed
@@ -114,14 +118,35 @@ class SimulatedLM(nn.Module):
         return self.embed
 
     def forward(self, input_ids: torch.Tensor, past_key_values=None, use_cache: bool = True, logits_to_keep: int = 0, **_):
+        self._sleep(input_ids.numel())
+        logits = self._logits(input_ids, past_key_values, logits_to_keep)  # [B, m, V]
+        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+
+    def forward_batch(self, forwards) -> list:
+        """Several sessions' chains in one pass (runtime.engine.Forward; no trees, no hidden states)."""
+        self._sleep(sum(len(f.token_ids) for f in forwards))
+        results = []
+        for f in forwards:
+            if not f.is_chain or f.hidden:
+                raise ValueError("a simulated model takes chains only")
+            logits = self._logits(torch.tensor([f.token_ids]), f.session.cache, max(f.logits_for, 1))[0]  # [m, V]
+            f.session.length += len(f.token_ids)
+            results.append((logits if f.logits_for else None, None))
+        return results
+
+    def _sleep(self, tokens: int) -> None:
+        ms = self.sim.step_ms + self.sim.token_ms * tokens
+        if ms > 0:
+            time.sleep(ms / 1e3)
+
+    def _logits(self, input_ids: torch.Tensor, past_key_values, logits_to_keep: int) -> torch.Tensor:
+        """The target's (or draft's) logits of the last rows, the cache grown by the rows."""
         batch, n = input_ids.shape  # [1, n]
         start = 0
         if past_key_values is not None:
             start = past_key_values.get_seq_length()
             placeholder = torch.from_numpy(np.zeros((batch, 1, n, 1), dtype=np.float32))  # [B, heads=1, n, head_dim=1]
             past_key_values.update(placeholder, placeholder, 0)
-        if self.sim.step_ms > 0:
-            time.sleep(self.sim.step_ms / 1e3)
         keep = n if logits_to_keep in (0, None) else min(int(logits_to_keep), n)
         # numpy, not torch.zeros: torch's intra-op threads stall for ms on a busy 2-core machine.
         logits = np.zeros((batch, keep, self.sim.vocab), dtype=np.float32)  # [B, m, V]
@@ -131,7 +156,7 @@ class SimulatedLM(nn.Module):
                 chosen = (next_token(token, self.sim.vocab) if self.sim.role == "target"
                           else draft_token(start + index, token, self.sim.accept, self.sim.vocab))
                 logits[row, j, chosen] = LOGIT_HIGH
-        return SimpleNamespace(logits=torch.from_numpy(logits), past_key_values=past_key_values)
+        return torch.from_numpy(logits)
 
 
 def load_simulated(spec: str, dtype: torch.dtype):
@@ -146,4 +171,5 @@ def load_simulated(spec: str, dtype: torch.dtype):
         vocab_size=sim.vocab,
         max_context_tokens=MAX_CONTEXT_TOKENS,
         eos_token_ids=EOS_TOKEN_IDS,
+        supports_batching=True,
     )

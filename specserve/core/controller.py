@@ -25,6 +25,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 
+LOAD_DECAY = 0.5  # per observed step: how fast the controller follows the target's load
+
+
 @dataclass(frozen=True)
 class CostPoint:
     context_tokens: int  # tokens in the KV cache before the forward
@@ -181,18 +184,31 @@ class SpeculationController:
         self.tree_records = {n: PositionalAcceptance(self.config.decay) for n in self.config.tree_nodes}
         self._plain_run = 0  # plain steps since the last speculative one
         self._probe_every = self.config.probe_every
+        self.load_tokens = 0.0  # other sessions' tokens in the target's forward passes lately
+
+    def observe_load(self, other_tokens: int) -> None:
+        """Other sessions' tokens in the forward pass the last verify rode in (continuous
+        batching). Under load, a step's verify rows cost what they add to a shared pass, so
+        speculation backs off as the batch grows and returns as it shrinks (see `rate`). Only for requests
+        whose output does not depend on K (greedy): a seeded sampled request's K sequence
+        must not depend on what else the server runs."""
+        self.load_tokens = LOAD_DECAY * self.load_tokens + (1 - LOAD_DECAY) * max(other_tokens, 0)
 
     # ---- costs -------------------------------------------------------------------------
     def step_ms(self, plan: StepPlan, context: int) -> float:
         """Expected wall ms of a step: target verify + drafting + overheads."""
         c = self.config
         if plan.k == 0:
-            return self.target.verify_chain.ms(1, context) + c.step_overhead_ms
+            return self._verify_ms(self.target.verify_chain, 1, context) + c.step_overhead_ms
         if plan.nodes:
-            verify = (self.target.verify_tree or self.target.verify_chain).ms(plan.nodes + 1, context)
+            verify = self._verify_ms(self.target.verify_tree or self.target.verify_chain, plan.nodes + 1, context)
         else:
-            verify = self.target.verify_chain.ms(plan.k + 1, context)
+            verify = self._verify_ms(self.target.verify_chain, plan.k + 1, context)
         return verify + self._draft_ms(plan, context) + c.step_overhead_ms + c.draft_overhead_ms
+
+    def _verify_ms(self, table: CostTable, tokens: int, context: int) -> float:
+        """A verify of `tokens` rows, in a pass that also carries `load_tokens` of other sessions."""
+        return table.ms(self.load_tokens + tokens, context)
 
     def _draft_ms(self, plan: StepPlan, context: int) -> float:
         if self.draft is None or self.draft.draft_step is None:
@@ -245,8 +261,11 @@ class SpeculationController:
         return [StepPlan(k) for k in range(1, top + 1)]
 
     def rate(self, plan: StepPlan, context: int) -> float:
-        """Expected tokens per ms."""
-        return self.expected_tokens(plan) / max(self.step_ms(plan, context), 1e-6)
+        """Expected tokens per ms of the passes this request rides in: its own tokens plus, under
+        load, the other sessions' (counted as one token per row, as plain decoding yields). Alone
+        this is the request's own rate; in a big batch on a cost curve that has turned linear,
+        extra verify rows slow every session more than they yield, and plain decoding wins."""
+        return (self.load_tokens + self.expected_tokens(plan)) / max(self.step_ms(plan, context), 1e-6)
 
     def best(self, context: int, remaining: int) -> tuple[StepPlan, StepPlan | None]:
         """(the plan with the most expected tokens per ms, the best speculative plan or None)."""

@@ -46,6 +46,9 @@ class Proposal:
 
 class TargetSession(Protocol):
     last_compute_ms: float  # model time of the last call
+    # Optional: tokens in the forward pass the last call rode in, its own included (a
+    # batching target shares passes among sessions); 0 or absent: unknown.
+    last_batch_tokens: int
     # With return_hidden_states: after start and after every verify, the hidden states
     # of the positions the call kept, in whatever form the proposer takes (opaque here).
     last_hidden_states: Any
@@ -180,6 +183,11 @@ async def decode(target: TargetSession, proposer: Proposer | None, request: Deco
         stats.accepted_tokens += verdict.accepted
         if plan is not None:
             request.speculation.record(plan, proposal.depth, len(proposal.tokens), verdict.accepted)
+            # Other sessions' rows in the target's pass (continuous batching); greedy requests
+            # only, so a seeded sampled request's steps never depend on the server's load.
+            observe_load = getattr(request.speculation, "observe_load", None)
+            if observe_load is not None and request.sampling.greedy:
+                observe_load(getattr(target, "last_batch_tokens", 0) - (1 + len(proposal.tokens)))
         sequence.extend(verdict.tokens)
         chunk, finish = _cut(verdict.tokens, request.eos_token_ids, remaining)
         stats.generated_tokens += len(chunk)

@@ -84,6 +84,20 @@ class FeatureDraft(nn.Module):
         logits = kept @ self.head_weight().to(kept.dtype).T  # [B, keep, V_out]
         return logits, predicted
 
+    @torch.inference_mode()
+    def forward_batch(self, forwards: list) -> list:
+        """Several sessions' rows in one pass (continuous batching; `runtime/engine.py`'s
+        Forward with `features`): shared products, per-session attention (`runtime/ragged.py`)."""
+        from specserve.runtime.ragged import ragged_decoder, split_results
+
+        device, dtype = self.fc.weight.device, self.fc.weight.dtype
+        input_ids = torch.tensor([[t for f in forwards for t in f.token_ids]], dtype=torch.long, device=device)  # [1, N]
+        features = torch.cat([f.features for f in forwards]).to(device=device, dtype=dtype)[None]  # [1, N, H]
+        fused = self.fc(torch.cat([self.embed_tokens(input_ids).to(dtype), features], dim=-1))  # [1, N, H]
+        predicted = ragged_decoder(self.body, fused, forwards)  # [N, H]
+        head = self.head_weight()
+        return split_results(predicted, forwards, lambda rows: rows @ head.to(rows.dtype).T)
+
 
 def build_feature_draft(target: nn.Module, vocab_ids: torch.Tensor, layer_id: int = -1) -> FeatureDraft:
     """A feature draft initialised from a loaded Llama-family target: its body is a copy of

@@ -98,6 +98,9 @@ class Forward:
     hidden: bool = False  # also the hidden state of every new row
     positions: list[int] | None = None
     visible: torch.Tensor | None = None  # [n, m] bool
+    # A feature draft's second input: the target's hidden state before each row's token
+    # [n, H]; its `hidden` result is then the draft's predicted states. None: a token model.
+    features: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids or not 0 <= self.logits_for <= len(self.token_ids):
@@ -120,6 +123,10 @@ Op = Generator[Forward, ForwardResult, T]
 def run_forward(forward: Forward) -> ForwardResult:
     """One session's rows alone, through its session's own methods."""
     session, tokens = forward.session, forward.token_ids
+    if forward.features is not None:
+        logits, predicted = session.extend_features(tokens, forward.features, forward.logits_for, forward.positions,
+                                                    forward.visible)  # [l, V] or None, [n, H]
+        return logits, (predicted if forward.hidden else None)
     if not forward.is_chain:
         logits, hidden = session.extend_tree(tokens, forward.positions, forward.visible, return_hidden=forward.hidden)
         return (logits[len(tokens) - forward.logits_for:] if forward.logits_for else None), hidden  # [l, V], [n, H]

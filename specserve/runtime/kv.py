@@ -78,6 +78,27 @@ class KVSession:
         return logits, (hidden.cpu() if return_hidden else None)
 
     @torch.inference_mode()
+    def extend_features(self, token_ids: list[int], features: torch.Tensor, logits_for: int = 1,
+                        positions: list[int] | None = None, visible: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """A feature draft's rows (`runtime/engine.py`'s Forward.features): tokens with the target's
+        hidden states features [n, H], a chain or (with positions and visible) tree nodes. Returns
+        (float32 logits [logits_for, V_out] on the CPU or None, predicted hidden states [n, H])."""
+        dtype = next(self.model.parameters()).dtype
+        features = features.to(device=self.device, dtype=dtype)[None]  # [1, n, H]
+        n = len(token_ids)
+        if visible is None:
+            input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, n]
+            logits, predicted = self.model(input_ids, features, past_key_values=self.cache, use_cache=True,
+                                           logits_to_keep=max(logits_for, 1))  # [1, l, V_out], [1, n, H]
+            self.length += n
+        else:
+            logits, predicted = self.extend_masked(token_ids, positions, visible, module=self.model,
+                                                   target_hidden=features)  # [1, n, V_out], [1, n, H]
+        rows = logits[0, logits.shape[1] - logits_for:].float().cpu() if logits_for else None
+        return rows, predicted[0].cpu()
+
+    @torch.inference_mode()
     def keep(self, start: int, offsets: list[int]) -> None:
         """Keep cache slots start + offsets[i] (ascending) at start + i and drop everything after:
         the accepted path of a tree becomes a plain sequence."""

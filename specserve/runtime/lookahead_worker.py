@@ -15,6 +15,7 @@ from specserve.core.acceptance import Verdict
 from specserve.core.errors import FailedPrecondition, InvalidArgument
 from specserve.core.lookahead import MAX_GUESSES, MAX_NGRAM, MAX_WINDOW, build_layout, verify_candidates
 from specserve.core.sampling import warp
+from specserve.runtime.engine import Forward, Op, run_alone
 from specserve.runtime.workers import TargetWorker
 
 MAX_CANDIDATE_TOKENS = 16  # per candidate: the longest continuation one step can accept
@@ -26,9 +27,14 @@ class LookaheadResult:
     next_level: list[int]  # the target's greedy token after each top-level window token
 
 
-@torch.inference_mode()
 def lookahead_step(worker: TargetWorker, committed_len: int, pending: int, levels: list[list[int]],
                    candidates: list[list[int]]) -> LookaheadResult:
+    """A lookahead step run alone (see `lookahead_op`)."""
+    return run_alone(lookahead_op(worker, committed_len, pending, levels, candidates))
+
+
+def lookahead_op(worker: TargetWorker, committed_len: int, pending: int, levels: list[list[int]],
+                 candidates: list[list[int]]) -> Op[LookaheadResult]:
     worker._check_started()
     if committed_len != worker.kv.length:
         raise FailedPrecondition(f"committed_len is {committed_len} but the session holds {worker.kv.length} tokens")
@@ -42,9 +48,10 @@ def lookahead_step(worker: TargetWorker, committed_len: int, pending: int, level
         # An engine without tree attention verifies the best candidate as a chain; the window
         # stands still (no next level), so lookahead degrades to prompt lookup there.
         chain = candidates[0] if candidates else []
-        return LookaheadResult(worker.verify(committed_len, [pending, *chain], None), [])
-    logits, hidden = worker.kv.extend_tree(layout.tokens, layout.positions, layout.visible,
-                                           return_hidden=worker.return_hidden_states)  # [n, V], [n, H]
+        verdict = yield from worker.verify_op(committed_len, [pending, *chain], None)
+        return LookaheadResult(verdict, [])
+    logits, hidden = yield Forward(worker.kv, layout.tokens, logits_for=len(layout.tokens), hidden=worker.return_hidden_states,
+                                   positions=layout.positions, visible=layout.visible)  # [n, V], [n, H]
     next_level = logits[layout.top_rows].argmax(-1).tolist()
     sampling = worker.sampling
 

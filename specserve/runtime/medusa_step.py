@@ -28,6 +28,7 @@ from specserve.core.medusa_tree import (POSTERIOR_ALPHA, POSTERIOR_THRESHOLD, Me
 from specserve.core.sampling import SamplingConfig, sample, warp
 from specserve.core.tree import DraftTree, accept_greedy_tree, ancestor_mask
 from specserve.drafter.medusa import MedusaHeads
+from specserve.runtime.engine import Forward, Op
 from specserve.runtime.models import LoadedModel
 from specserve.runtime.workers import TargetWorker
 
@@ -79,43 +80,42 @@ class MedusaTargetWorker(TargetWorker):
         self._candidate_probs: torch.Tensor | None = None  # [K, V] a sampled chain's draft distributions
         self._new_hidden: torch.Tensor | None = None  # [n, H] states of the last op's new positions
 
-    def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False,
-              medusa: MedusaOptions | None = None) -> int:
+    def start_op(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False,
+                 medusa: MedusaOptions | None = None) -> Op[int]:
         if medusa is not None:
             if self.heads is None:
                 raise FailedPrecondition("medusa: this target service hosts no Medusa heads (start it with --medusa)")
             if medusa.tree.depth > self.heads.num_heads:
                 raise InvalidArgument(f"medusa.choices: the tree is {medusa.tree.depth} deep but the heads are {self.heads.num_heads}")
         self.medusa = medusa
-        token = super().start(prompt, sampling, seed, return_hidden_states)
+        token = yield from super().start_op(prompt, sampling, seed, return_hidden_states)
         if medusa is not None:
             self._propose(self._new_hidden[-1])
         return token
 
-    def _extend(self, token_ids: list[int], logits_for: int) -> torch.Tensor:
+    def _extend_op(self, token_ids: list[int], logits_for: int) -> Op[torch.Tensor]:
         if self.medusa is None:
-            return super()._extend(token_ids, logits_for)
-        logits, self._new_hidden = self.kv.extend_with_hidden(token_ids, logits_for=logits_for)  # [l, V], [n, H]
+            return (yield from super()._extend_op(token_ids, logits_for))
+        logits, self._new_hidden = yield Forward(self.kv, token_ids, logits_for=logits_for, hidden=True)  # [l, V], [n, H]
         if self.return_hidden_states:
             self.last_hidden_states = self._new_hidden
         return logits
 
-    def verify(self, committed_len: int, token_ids: list[int], draft_probs: torch.Tensor | None) -> Verdict:
+    def verify_op(self, committed_len: int, token_ids: list[int], draft_probs: torch.Tensor | None) -> Op[Verdict]:
         if self.medusa is None:
-            return super().verify(committed_len, token_ids, draft_probs)
+            return (yield from super().verify_op(committed_len, token_ids, draft_probs))
         proposal = token_ids[1:]
         if not self.sampling.greedy and draft_probs is None and self._candidate_probs is not None:
             chain = self.last_candidates.tokens if self.last_candidates.parents is None else []
             if proposal == chain[:len(proposal)]:  # the heads' own chain: their distributions are the draft's
                 draft_probs = self._candidate_probs[:len(proposal)]
-        verdict = super().verify(committed_len, token_ids, draft_probs)
+        verdict = yield from super().verify_op(committed_len, token_ids, draft_probs)
         self._propose(self._new_hidden[verdict.accepted])
         return verdict
 
-    @torch.inference_mode()
-    def verify_tree(self, committed_len: int, pending: int, tree: DraftTree) -> Verdict:
+    def verify_tree_op(self, committed_len: int, pending: int, tree: DraftTree) -> Op[Verdict]:
         if self.medusa is None:
-            return super().verify_tree(committed_len, pending, tree)
+            return (yield from super().verify_tree_op(committed_len, pending, tree))
         self._check_started()
         typical = self.medusa.typical and not self.sampling.greedy
         if not self.sampling.greedy and not typical:
@@ -124,8 +124,8 @@ class MedusaTargetWorker(TargetWorker):
         own = tuple(tree.parents) == self.medusa.tree.parents
         mask = self.medusa.tree.mask if own else ancestor_mask(tree)  # [n+1, n+1]
         positions = [committed_len + d for d in [0, *tree.depths()]]
-        hidden = self.kv.extend_masked(token_ids, positions, mask, module=self.kv.model.model).last_hidden_state[0]  # [n+1, H]
-        logits = self.kv.model.lm_head(hidden).float().cpu()  # [n+1, V]
+        logits, hidden = yield Forward(self.kv, token_ids, logits_for=len(token_ids), hidden=True, positions=positions,
+                                       visible=mask)  # [n+1, V], [n+1, H]
         if typical:
             probs = warp(logits, self.sampling)  # [n+1, V]
             path = accept_typical_tree(probs, tree, self.medusa.posterior_threshold, self.medusa.posterior_alpha)
@@ -187,7 +187,7 @@ class LocalMedusaTargetSession:
 
     async def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False,
                     medusa: MedusaOptions | None = None) -> int:
-        return self.worker.start(prompt, sampling, seed, return_hidden_states, medusa)
+        return self.worker.start(prompt, sampling, seed, return_hidden_states, medusa=medusa)
 
     async def verify(self, committed_len: int, tokens: list[int], draft_probs, parents: list[int] | None = None) -> Verdict:
         import time

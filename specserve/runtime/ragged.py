@@ -53,33 +53,47 @@ def ragged_forward(model: torch.nn.Module, forwards: list[Forward]) -> list[Forw
     """Runs every forward (distinct `KVSession`s of `model`) in one pass; see the module doc."""
     base = model.model
     device = base.embed_tokens.weight.device
+    input_ids = torch.tensor([[t for f in forwards for t in f.token_ids]], dtype=torch.long, device=device)  # [1, N]
+    hidden = ragged_decoder(base, base.embed_tokens(input_ids), forwards)  # [N, H]
+    return split_results(hidden, forwards, model.lm_head)
+
+
+def ragged_decoder(base: torch.nn.Module, embeds: torch.Tensor, forwards: list[Forward]) -> torch.Tensor:
+    """The decoder layers and final norm of a transformers base model (`model.model`) over the
+    rows of every forward laid end to end, embeds [1, N, H]; the last hidden states [N, H].
+    Each session's cache grows by its rows."""
+    device = embeds.device
     spans: list[tuple[int, int]] = []
-    tokens: list[int] = []
     positions: list[int] = []
     for forward in forwards:
-        start = forward.session.length
-        spans.append((len(tokens), len(tokens) + len(forward.token_ids)))
-        tokens += forward.token_ids
-        positions += forward.positions if forward.positions is not None else range(start, start + len(forward.token_ids))
+        start, n = forward.session.length, len(forward.token_ids)
+        spans.append((len(positions), len(positions) + n))
+        positions += forward.positions if forward.positions is not None else range(start, start + n)
     masks = [_mask(f, f.session.length) for f in forwards]
     masks = [None if m is None else m.to(device) for m in masks]
-    input_ids = torch.tensor([tokens], dtype=torch.long, device=device)  # [1, N]
     position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, N]
-    hidden = base.embed_tokens(input_ids)  # [1, N, H]
+    hidden = embeds
     cos, sin = base.rotary_emb(hidden, position_ids=position_ids)  # [1, N, head_dim] each
-    for layer in base.layers[: model.config.num_hidden_layers]:
+    for layer in base.layers[: base.config.num_hidden_layers]:
         attended = _attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, forwards, spans, masks)
         hidden = hidden + attended
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    hidden = base.norm(hidden)[0]  # [N, H]
     for forward in forwards:
         forward.session.length += len(forward.token_ids)
-    # One LM-head product over every row that wants logits.
-    wanted = [i for f, (a, b) in zip(forwards, spans) for i in range(b - f.logits_for, b)]
-    logits = model.lm_head(hidden[wanted]).float().cpu() if wanted else None  # [L, V]
+    return base.norm(hidden)[0]  # [N, H]
+
+
+def split_results(hidden: torch.Tensor, forwards: list[Forward], head) -> list[ForwardResult]:
+    """Each forward's logits (one `head` product over every row that wants them) and hidden
+    states, from the batch's hidden states [N, H]."""
+    ends = [0]
+    for forward in forwards:
+        ends.append(ends[-1] + len(forward.token_ids))
+    wanted = [i for f, b in zip(forwards, ends[1:]) for i in range(b - f.logits_for, b)]
+    logits = head(hidden[wanted]).float().cpu() if wanted else None  # [L, V]
     results: list[ForwardResult] = []
     taken = 0
-    for forward, (a, b) in zip(forwards, spans):
+    for forward, a, b in zip(forwards, ends, ends[1:]):
         rows = None
         if forward.logits_for:
             rows = logits[taken:taken + forward.logits_for]  # [logits_for, V]

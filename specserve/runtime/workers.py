@@ -17,7 +17,7 @@ from specserve.core.distributions import to_sparse
 from specserve.core.errors import FailedPrecondition, InvalidArgument
 from specserve.core.sampling import SamplingConfig, make_generator, next_token, warp
 from specserve.core.tree import DraftTree, TreeShape, accept_greedy_tree, ancestor_mask
-from specserve.runtime.engine import Engine, tree_fallback_path
+from specserve.runtime.engine import Engine, Forward, Op, run_alone, tree_fallback_path
 
 SparseRow = tuple[list[int], list[float]]
 
@@ -72,22 +72,34 @@ class TargetWorker(_SessionBase):
         self.return_hidden_states = False
         self.last_hidden_states: torch.Tensor | None = None
 
-    def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> int:
+    # Each op comes twice: `x_op` yields its forward passes (a scheduler batches them with
+    # other sessions'), `x` runs it alone.
+    def start(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False,
+              **options) -> int:
+        return run_alone(self.start_op(prompt, sampling, seed, return_hidden_states, **options))
+
+    def verify(self, committed_len: int, token_ids: list[int], draft_probs: torch.Tensor | None) -> Verdict:
+        return run_alone(self.verify_op(committed_len, token_ids, draft_probs))
+
+    def verify_tree(self, committed_len: int, pending: int, tree: DraftTree) -> Verdict:
+        return run_alone(self.verify_tree_op(committed_len, pending, tree))
+
+    def start_op(self, prompt: list[int], sampling: SamplingConfig, seed: int, return_hidden_states: bool = False) -> Op[int]:
         self._begin(prompt, sampling, seed)
         if return_hidden_states and not self.loaded.returns_hidden_states:
             raise InvalidArgument(f"return_hidden_states: the {self.loaded.engine_name} engine does not return hidden "
                                   "states (serve the target on the torch engine for a feature draft)")
         self.return_hidden_states = return_hidden_states
-        logits = self._extend(prompt, logits_for=1)  # [1, V]
+        logits = yield from self._extend_op(prompt, logits_for=1)  # [1, V]
         return next_token(logits[0], self.sampling, self.generator)
 
-    def _extend(self, token_ids: list[int], logits_for: int) -> torch.Tensor:
-        if not self.return_hidden_states:
-            return self.kv.extend(token_ids, logits_for=logits_for)
-        logits, self.last_hidden_states = self.kv.extend_with_hidden(token_ids, logits_for=logits_for)
+    def _extend_op(self, token_ids: list[int], logits_for: int) -> Op[torch.Tensor]:
+        logits, hidden = yield Forward(self.kv, token_ids, logits_for=logits_for, hidden=self.return_hidden_states)
+        if self.return_hidden_states:
+            self.last_hidden_states = hidden  # [n, H]
         return logits
 
-    def verify(self, committed_len: int, token_ids: list[int], draft_probs: torch.Tensor | None) -> Verdict:
+    def verify_op(self, committed_len: int, token_ids: list[int], draft_probs: torch.Tensor | None) -> Op[Verdict]:
         """token_ids = [pending, d1..dk]; draft_probs [k, V] or None (deterministic proposer)."""
         self._check_started()
         if committed_len != self.kv.length:
@@ -98,7 +110,7 @@ class TargetWorker(_SessionBase):
         proposal = token_ids[1:]
         if draft_probs is not None and draft_probs.shape[0] != len(proposal):
             raise InvalidArgument(f"draft_probs: {draft_probs.shape[0]} distributions for {len(proposal)} proposed tokens")
-        logits = self._extend(token_ids, logits_for=len(token_ids))  # [k+1, V]
+        logits = yield from self._extend_op(token_ids, logits_for=len(token_ids))  # [k+1, V]
         if self.sampling.greedy:
             verdict = accept_greedy(logits, proposal)
         else:
@@ -121,7 +133,7 @@ class TargetWorker(_SessionBase):
                                   f"the context window of {self.loaded.max_context_tokens}")
         return token_ids
 
-    def verify_tree(self, committed_len: int, pending: int, tree: DraftTree) -> Verdict:
+    def verify_tree_op(self, committed_len: int, pending: int, tree: DraftTree) -> Op[Verdict]:
         """Scores the pending token and every node of a tree in one forward pass (tree attention)
         and keeps the longest path the target agrees with. Greedy decoding only. An engine
         without tree attention verifies the tree's first-listed path as a chain instead."""
@@ -131,10 +143,10 @@ class TargetWorker(_SessionBase):
         token_ids = self._check_tree_op(committed_len, pending, tree)
         if not self.loaded.supports_trees:
             chain = [tree.tokens[i] for i in tree_fallback_path(tree.parents)]
-            return self.verify(committed_len, [pending, *chain], None)
+            return (yield from self.verify_op(committed_len, [pending, *chain], None))
         positions = [committed_len + d for d in [0, *tree.depths()]]
-        logits, hidden = self.kv.extend_tree(token_ids, positions, ancestor_mask(tree),
-                                             return_hidden=self.return_hidden_states)  # [n+1, V], [n+1, H]
+        logits, hidden = yield Forward(self.kv, token_ids, logits_for=len(token_ids), hidden=self.return_hidden_states,
+                                       positions=positions, visible=ancestor_mask(tree))  # [n+1, V], [n+1, H]
         verdict, path = accept_greedy_tree(logits, tree)
         kept = [0] + [1 + i for i in path]  # the pending token and the accepted nodes
         self.kv.keep(committed_len, kept)
@@ -156,14 +168,20 @@ class DraftWorker(_SessionBase):
         self.forward_passes = 0
 
     def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
+        return run_alone(self.start_op(prompt, sampling, seed))
+
+    def propose(self, committed_len: int, token_ids: list[int], k: int) -> tuple[list[int], list[SparseRow] | None]:
+        return run_alone(self.propose_op(committed_len, token_ids, k))
+
+    def start_op(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> Op[None]:
         self._begin(prompt, sampling, seed)
         # The prompt's last token goes in with the first propose call, so its logits are computed then.
         if len(prompt) > 1:
-            self.kv.extend(prompt[:-1])
+            yield Forward(self.kv, prompt[:-1], logits_for=0)
             self.forward_passes += 1
         self.held = list(prompt)
 
-    def propose(self, committed_len: int, token_ids: list[int], k: int) -> tuple[list[int], list[SparseRow] | None]:
+    def propose_op(self, committed_len: int, token_ids: list[int], k: int) -> Op[tuple[list[int], list[SparseRow] | None]]:
         """Proposals d1..dk and, when sampling, the sparse distribution each was drawn from."""
         self._check_started()
         if committed_len > len(self.held):
@@ -178,7 +196,7 @@ class DraftWorker(_SessionBase):
             raise InvalidArgument("token_ids: the draft's sequence would be empty")
         keep = min(committed_len, self.kv.length, len(self.held) - 1)
         self.kv.rollback(keep)
-        logits = self.kv.extend(self.held[keep:])[0]  # [V_out]
+        logits = (yield Forward(self.kv, self.held[keep:]))[0][0]  # [V_out]
         self.forward_passes += 1
         proposal: list[int] = []
         rows: list[SparseRow] = []
@@ -188,7 +206,7 @@ class DraftWorker(_SessionBase):
             if row is not None:
                 rows.append(row)
             if i < k - 1:
-                logits = self.kv.extend([token])[0]
+                logits = (yield Forward(self.kv, [token]))[0][0]  # [V_out]
                 self.forward_passes += 1
         self.held.extend(proposal)
         return proposal, (None if self.sampling.greedy else rows)
@@ -201,7 +219,7 @@ class FeatureDraftWorker(_SessionBase):
     the target's hidden state at the position before; its cache holds one pair
     (h[j-1], x[j]) per such token. Proposals are never kept: they were drafted from
     predicted hidden states, so each call rolls the cache back to true pairs.
-    Needs the PyTorch engine (its session's module and cache are called directly).
+    Needs the PyTorch engine (its sessions take `Forward.features`).
     """
 
     def __init__(self, loaded: Engine):
@@ -216,9 +234,17 @@ class FeatureDraftWorker(_SessionBase):
 
     def propose(self, committed_len: int, token_ids: list[int], k: int, hidden_states: torch.Tensor | None
                 ) -> tuple[list[int], list[SparseRow] | None]:
+        return run_alone(self.propose_op(committed_len, token_ids, k, hidden_states))
+
+    def propose_tree(self, committed_len: int, token_ids: list[int], hidden_states: torch.Tensor | None,
+                     shape: TreeShape) -> DraftTree:
+        return run_alone(self.propose_tree_op(committed_len, token_ids, hidden_states, shape))
+
+    def propose_op(self, committed_len: int, token_ids: list[int], k: int, hidden_states: torch.Tensor | None
+                   ) -> Op[tuple[list[int], list[SparseRow] | None]]:
         """hidden_states [len(token_ids), H]: the target's state before each new token."""
         self._check_started()
-        logits, predicted = self._true_pairs(committed_len, token_ids, hidden_states, k)
+        logits, predicted = yield from self._true_pairs_op(committed_len, token_ids, hidden_states, k)
         proposal: list[int] = []
         rows: list[SparseRow] = []
         for i in range(k):
@@ -227,11 +253,11 @@ class FeatureDraftWorker(_SessionBase):
             if row is not None:
                 rows.append(row)
             if i < k - 1:
-                logits, predicted = self._forward([token], predicted[-1:])
+                logits, predicted = yield from self._forward_op([token], predicted[-1:])
         return proposal, (None if self.sampling.greedy else rows)
 
-    def propose_tree(self, committed_len: int, token_ids: list[int], hidden_states: torch.Tensor | None,
-                     shape: TreeShape) -> DraftTree:
+    def propose_tree_op(self, committed_len: int, token_ids: list[int], hidden_states: torch.Tensor | None,
+                        shape: TreeShape) -> Op[DraftTree]:
         """A tree of candidate continuations, greedy decoding (see `TreeShape`).
 
         Depth by depth, the `width` most probable nodes (by the draft's probability of the
@@ -242,7 +268,7 @@ class FeatureDraftWorker(_SessionBase):
         self._check_started()
         if not self.sampling.greedy:
             raise InvalidArgument("tree: trees are drafted for greedy decoding only")
-        logits, predicted = self._true_pairs(committed_len, token_ids, hidden_states, shape.depth)
+        logits, predicted = yield from self._true_pairs_op(committed_len, token_ids, hidden_states, shape.depth)
         base = self.kv.length  # pairs in the cache; the root's pair is the last
         nodes: list[_Node] = []
         frontier = self._children(nodes, -1, logits, 0.0, shape.branch)
@@ -256,16 +282,15 @@ class FeatureDraftWorker(_SessionBase):
                 for j in _path(nodes, i):
                     visible[row, slots[j]] = True
             positions = [base - 1 + nodes[i].depth for i in frontier]
-            with torch.inference_mode():
-                out_logits, out_states = self.kv.extend_masked(
-                    [nodes[i].token for i in frontier], positions, visible, module=self.kv.model,
-                    target_hidden=inputs[None].to(self.loaded.dtype))  # [1, f, V_out], [1, f, H]
+            out_logits, out_states = yield Forward(self.kv, [nodes[i].token for i in frontier], logits_for=len(frontier),
+                                                   hidden=True, positions=positions, visible=visible,
+                                                   features=inputs)  # [f, V_out], [f, H]
             self.forward_passes += 1
             fed += frontier
             children: list[int] = []
             for row, i in enumerate(frontier):
-                nodes[i].feature = out_states[0, row]
-                children += self._children(nodes, i, out_logits[0, row].float(), nodes[i].score, shape.branch)
+                nodes[i].feature = out_states[row]
+                children += self._children(nodes, i, out_logits[row], nodes[i].score, shape.branch)
             frontier = children
         return _select(nodes, shape.nodes)
 
@@ -282,8 +307,8 @@ class FeatureDraftWorker(_SessionBase):
             added.append(len(nodes) - 1)
         return added
 
-    def _true_pairs(self, committed_len: int, token_ids: list[int], hidden_states: torch.Tensor | None, k: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _true_pairs_op(self, committed_len: int, token_ids: list[int], hidden_states: torch.Tensor | None, k: int
+                       ) -> Op[tuple[torch.Tensor, torch.Tensor]]:
         """Checks a propose op, brings the cache up to date with true pairs; (logits [V_out], predicted [n, H])."""
         if not 1 <= committed_len <= len(self.held):
             raise FailedPrecondition(f"committed_len is {committed_len} but the draft holds {len(self.held)} tokens with hidden states")
@@ -299,18 +324,13 @@ class FeatureDraftWorker(_SessionBase):
             raise InvalidArgument("num_tokens: the proposals would exceed the draft's context window")
         self.held = self.held[:committed_len] + list(token_ids)
         self.kv.rollback(min(self.kv.length, committed_len - 1))  # pairs are one fewer than tokens
-        return self._forward(list(token_ids), hidden_states)
+        return (yield from self._forward_op(list(token_ids), hidden_states))
 
-    @torch.inference_mode()
-    def _forward(self, token_ids: list[int], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_op(self, token_ids: list[int], hidden: torch.Tensor) -> Op[tuple[torch.Tensor, torch.Tensor]]:
         """Appends pairs; (float32 logits [V_out] of the last, predicted hidden states [n, H])."""
-        model = self.kv.model
-        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.kv.device)  # [1, n]
-        hidden = hidden.to(device=self.kv.device, dtype=self.loaded.dtype)[None]  # [1, n, H]
-        logits, predicted = model(input_ids, hidden, past_key_values=self.kv.cache, use_cache=True, logits_to_keep=1)
-        self.kv.length += len(token_ids)
+        logits, predicted = yield Forward(self.kv, token_ids, logits_for=1, hidden=True, features=hidden)  # [1, V_out], [n, H]
         self.forward_passes += 1
-        return logits[0, -1].float().cpu(), predicted[0]
+        return logits[0], predicted
 
 
 def _choose(logits: torch.Tensor, vocab_ids: torch.Tensor | None, sampling: SamplingConfig,

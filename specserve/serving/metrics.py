@@ -145,11 +145,20 @@ class ModelServiceMetrics:
         p, r = f"specserve_{role}_", self.registry
         self.sessions = Counter(p + "sessions", "Session streams by outcome", ["outcome"], registry=r)
         self.active = Gauge(p + "active_sessions", "Session streams holding a KV cache now", registry=r)
-        self.queued = Gauge(p + "queued_ops", "Ops waiting for the model thread (the one running excluded)", registry=r)
+        self.queued = Gauge(p + "queued_ops", "Work waiting for the model thread (ops between forward passes, calls not begun)", registry=r)
         self.ops = Histogram(p + "step_duration_seconds", "Time to serve one op (model compute and queueing) by op",
                              ["op"], buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter(p + "op_tokens", "Tokens the ops carried in (prompt, appended or verified tokens) by op",
                               ["op"], registry=r)
+        self.pass_sessions = Histogram(p + "batch_sessions", "Sessions whose rows shared one forward pass",
+                                       buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.pass_tokens = Histogram(p + "batch_tokens", "Tokens in one forward pass (all sessions)",
+                                     buckets=(1, 4, 16, 64, 256, 1024, 4096), registry=r)
+
+    def observe_pass(self, record) -> None:
+        """One forward pass of the model thread (a runtime.scheduler.PassRecord)."""
+        self.pass_sessions.observe(record.sessions)
+        self.pass_tokens.observe(record.tokens)
 
     def observe_op(self, request, seconds: float) -> None:
         """One op of a Session stream (a TargetRequest or DraftRequest) and the time it took."""

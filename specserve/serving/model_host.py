@@ -12,7 +12,8 @@ from typing import TypeVar
 import torch
 
 from specserve.core.sampling import SamplingConfig
-from specserve.runtime.engine import Engine
+from specserve.runtime.engine import Engine, Op
+from specserve.runtime.scheduler import DEFAULT_TOKEN_BUDGET, BatchScheduler, token_budget_from_profile
 from specserve.serving.grpc_server import SessionLimit, status_on_error
 from specserve.serving.metrics import ModelServiceMetrics, serve_metrics
 from specserve.v1 import common_pb2, model_service_pb2
@@ -21,43 +22,46 @@ T = TypeVar("T")
 
 
 class ModelHost:
-    """A loaded model whose forward passes run in one dedicated thread, off the event loop.
+    """A loaded model whose forward passes run on one model thread, off the event loop.
 
-    One thread: sessions take turns on the model (2 cores are saturated by one
-    forward pass), and the event loop stays free to move messages.
+    One thread (2 cores are saturated by one forward pass) runs every session's work
+    through a `BatchScheduler`: ops that arrive together share forward passes
+    (continuous batching), so the event loop stays free to move messages.
     """
 
     def __init__(self, loaded: Engine, max_sessions: int, threads: int | None = None,
-                 cost_profile: model_service_pb2.CostProfile | None = None, metrics: ModelServiceMetrics | None = None):
+                 cost_profile: model_service_pb2.CostProfile | None = None, metrics: ModelServiceMetrics | None = None,
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, batching: bool = True):
         self.loaded = loaded
         self.sessions = SessionLimit(max_sessions)
         self.metrics = metrics
-        # Calls handed to the model thread, and calls it began: one writer each (the event
-        # loop, the model thread), so the difference (the queue) needs no lock.
-        self._submitted = 0
-        self._begun = 0
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         if threads:
             torch.set_num_threads(threads)
         self.cost_profile = cost_profile  # measured (or cached) at start-up; None: not measured
+        self.scheduler = BatchScheduler(loaded, token_budget, batching,
+                                        on_pass=metrics.observe_pass if metrics is not None else None)
 
     async def run(self, fn: Callable[..., T], *args) -> T:
-        self._submitted += 1
-        future = self._executor.submit(self._begin, fn, *args)
-        try:
-            return await asyncio.wrap_future(future)
-        finally:
-            if future.cancelled():  # the caller went away before the call began: it never will
-                self._submitted -= 1
+        """fn(*args) on the model thread, between forward passes."""
+        return await self._wait(self.scheduler.submit_call(fn, *args))
 
-    def _begin(self, fn: Callable[..., T], *args) -> T:
-        self._begun += 1
-        return fn(*args)
+    async def run_op(self, op: Op[T], owner: object) -> T:
+        """A worker op (`runtime/engine.py`) whose forward passes are batched with other sessions'."""
+        return await self._wait(self.scheduler.submit_op(op, owner))
+
+    async def close_session(self, worker) -> None:
+        """Frees a worker's session, after dropping any op of it still waiting for a pass."""
+        await self._wait(self.scheduler.submit_call(worker.close, drop_ops_of=worker))
+
+    @staticmethod
+    async def _wait(future: concurrent.futures.Future):
+        # A caller that goes away cancels work not yet begun; begun work runs to its end.
+        return await asyncio.wrap_future(future)
 
     @property
     def queued(self) -> int:
-        """Calls waiting for the model thread (the one it runs excluded)."""
-        return self._submitted - self._begun
+        """Work waiting for the model thread."""
+        return self.scheduler.queued
 
     def info(self) -> model_service_pb2.ModelInfo:
         return model_service_pb2.ModelInfo(
@@ -70,6 +74,9 @@ class ModelHost:
             max_sessions=self.sessions.limit,
             needs_target_hidden_states=self.loaded.needs_target_hidden_states,
             cost_profile=self.cost_profile,
+            batch_token_budget=self.scheduler.token_budget if self.scheduler.batching else 0,
+            mean_batch_tokens=self.scheduler.mean_batch_tokens,
+            queued_ops=self.queued,
         )
 
 
@@ -114,7 +121,10 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
     if measured is not None:
         logging.info("cost profile (%s): %s", "cached" if measured.from_cache else f"measured in {measured.measured_s:.1f} s",
                      measured.machine.get("cpu"))
-    host = ModelHost(engine, args.max_sessions, args.threads, cost_profile.to_proto(measured) if measured else None, metrics)
+    budget = args.max_batch_tokens or (token_budget_from_profile(measured.costs) if measured else DEFAULT_TOKEN_BUDGET)
+    host = ModelHost(engine, args.max_sessions, args.threads, cost_profile.to_proto(measured) if measured else None, metrics,
+                     token_budget=budget, batching=args.batching == "on")
+    logging.info("batching %s: at most %d tokens per forward pass", "on" if host.scheduler.batching else "off", budget)
     if metrics is not None:
         metrics.queued.set_function(lambda: host.queued)
         serve_metrics(metrics.registry, args.host, args.metrics_port)
@@ -156,7 +166,7 @@ class SessionServicer:
                         yield response
                 finally:
                     # On the model thread: an op of this session may still be running there.
-                    await self.host.run(worker.close)
+                    await self.host.close_session(worker)
 
     def new_worker(self):
         return self.worker_class(self.host.loaded)

@@ -31,6 +31,12 @@ def add_model_service_arguments(parser: argparse.ArgumentParser, role: str, port
     parser.add_argument("--port", type=int, default=env_default(prefix + "PORT", port), help=f"port [env {prefix}PORT]")
     parser.add_argument("--max-sessions", type=int, default=env_default(prefix + "MAX_SESSIONS", 64),
                         help=f"sessions held at once; more get RESOURCE_EXHAUSTED [env {prefix}MAX_SESSIONS]")
+    parser.add_argument("--batching", default=env_default("SPECSERVE_BATCHING", "on"), choices=["on", "off"],
+                        help="run ops of different sessions that wait together in one forward pass (continuous "
+                             "batching) [env SPECSERVE_BATCHING]")
+    parser.add_argument("--max-batch-tokens", type=int, default=env_default(prefix + "MAX_BATCH_TOKENS", 0),
+                        help="tokens per forward pass, 0 = from the measured cost profile; longer prompts are "
+                             f"prefilled in chunks [env {prefix}MAX_BATCH_TOKENS]")
     parser.add_argument("--metrics-port", type=int, default=env_default(prefix + "METRICS_PORT", 0),
                         help=f"serve Prometheus metrics over HTTP on this port, 0 = off [env {prefix}METRICS_PORT]")
     parser.add_argument("--threads", type=int, default=env_default("SPECSERVE_THREADS", 0),

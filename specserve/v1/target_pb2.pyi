@@ -63,7 +63,7 @@ class TargetRequest(_message.Message):
     def __init__(self, op_id: _Optional[int] = ..., start: _Optional[_Union[TargetStart, _Mapping]] = ..., verify: _Optional[_Union[TargetVerify, _Mapping]] = ..., lookahead: _Optional[_Union[TargetLookahead, _Mapping]] = ...) -> None: ...
 
 class TargetResponse(_message.Message):
-    __slots__ = ("op_id", "token_ids", "accepted", "committed_len", "compute_ms", "hidden_states", "medusa_candidates", "lookahead_tokens")
+    __slots__ = ("op_id", "token_ids", "accepted", "committed_len", "compute_ms", "hidden_states", "medusa_candidates", "lookahead_tokens", "batch_tokens")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class TargetResponse(_message.Message):
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     MEDUSA_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     LOOKAHEAD_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     op_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     accepted: int
@@ -80,7 +81,8 @@ class TargetResponse(_message.Message):
     hidden_states: _common_pb2.HiddenStates
     medusa_candidates: MedusaCandidates
     lookahead_tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, op_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., committed_len: _Optional[int] = ..., compute_ms: _Optional[float] = ..., hidden_states: _Optional[_Union[_common_pb2.HiddenStates, _Mapping]] = ..., medusa_candidates: _Optional[_Union[MedusaCandidates, _Mapping]] = ..., lookahead_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    batch_tokens: int
+    def __init__(self, op_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., committed_len: _Optional[int] = ..., compute_ms: _Optional[float] = ..., hidden_states: _Optional[_Union[_common_pb2.HiddenStates, _Mapping]] = ..., medusa_candidates: _Optional[_Union[MedusaCandidates, _Mapping]] = ..., lookahead_tokens: _Optional[_Iterable[int]] = ..., batch_tokens: _Optional[int] = ...) -> None: ...
 
 class MedusaCandidates(_message.Message):
     __slots__ = ("token_ids", "parents")
