@@ -97,6 +97,8 @@ class LlamaEngine:
         for s in sessions:
             if not isinstance(s, LlamaSession) or s.engine is not self or s.home is None:
                 raise ValueError("forward_batch: every session must be an open session of this engine")
+        if any(f.features is not None for f in forwards):
+            raise ValueError("forward_batch: the llama.cpp engine hosts no feature draft (features must be None)")
         plans = [s._plan(f.token_ids, f.positions, f.visible) for s, f in zip(sessions, forwards)]
         jobs: list[Job] = []
         try:

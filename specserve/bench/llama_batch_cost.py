@@ -1,0 +1,81 @@
+"""What a llama.cpp forward_batch of B single-token decode rows costs against one session alone.
+
+    python -m specserve.bench.llama_batch_cost [--batches 1,4,16,64] [--prompt 64] [--repeats 9]
+
+Each of B sessions holds a `--prompt`-token cache; one step decodes one token for each, in one
+forward_batch (sessions sharing one context of B slots), and is undone by rollback. "alone" is
+one session's single-token step in a private context, timed interleaved with the batch.
+Prints median milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+from specserve.loading import load_model
+from specserve.runtime.engine import Forward, run_forward
+
+
+def cpu_name() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def median_ms(steps, undos, repeats: int) -> list[float]:
+    """Median ms of each step, the steps interleaved so that load on the machine hits all alike."""
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for step, undo, out in zip(steps, undos, times):
+            start = time.perf_counter()
+            step()
+            out.append((time.perf_counter() - start) * 1000)
+            undo()
+    return [statistics.median(t) for t in times]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,4,16,64")
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    from specserve.runtime.llama_engine import LlamaEngine
+
+    batches = [int(b) for b in args.batches.split(",")]
+    base = load_model("smollm2", engine="llama.cpp", threads=args.threads)
+    prompt = [1000 + i for i in range(args.prompt)]
+    private = LlamaEngine("smollm2", base.path, threads=base.threads, context_tokens=1024, batch_slots=1)
+    one = private.new_session()
+    one.extend(prompt)
+    print(f"CPU: {cpu_name()}; threads {base.threads}; model smollm2 {base.dtype_name}; cache {args.prompt} tokens each")
+    print(f"{'B':>4} {'alone ms':>9} {'forward_batch ms':>17} {'ms per row':>11} {'vs B steps alone':>17}")
+    for b in batches:
+        engine = LlamaEngine("smollm2", base.path, threads=base.threads, context_tokens=1024, batch_slots=max(b, 1))
+        sessions = [engine.new_session() for _ in range(b)]
+        for s in sessions:
+            s.extend(prompt)
+
+        def undo():
+            for s in sessions:
+                s.rollback(args.prompt)
+
+        alone, ms = median_ms([lambda: run_forward(Forward(one, [5])),
+                               lambda: engine.forward_batch([Forward(s, [5]) for s in sessions])],
+                              [lambda: one.rollback(args.prompt), undo], args.repeats)
+        print(f"{b:>4} {alone:>9.2f} {ms:>17.2f} {ms / b:>11.2f} {b * alone / ms:>16.2f}x")
+        for s in sessions:
+            s.close()
+        engine.close()
+    one.close()
+    private.close()
+    base.close()
+
+
+if __name__ == "__main__":
+    main()
