@@ -9,9 +9,10 @@ sessions of one home go through one llama_decode (`decode_jobs`), each row atten
 to the cells of its own sequence ids.
 
 Rows come out bit-identical whatever they are batched with (see the V cache type below).
-The cost of sharing: llama.cpp computes attention over the whole cell store, masked, so a
-row's attention work grows with the tokens of every session in its home, not only its own
-(the weight products, most of a forward at short contexts, are what a shared pass saves).
+The cost of sharing: llama.cpp builds and scans each row's attention mask over the whole
+cell store (flash attention skips the masked cells' products), so a row's attention work
+grows somewhat with the tokens of every session in its home, not only its own (the weight
+products, most of a forward at short contexts, are what a shared pass saves).
 `n_ctx` is slots x the engine's context window: every session may grow to the full window.
 """
 
