@@ -8,7 +8,11 @@ rules and every method see only this, so any engine serves them alike:
 - `torch` (`runtime/models.py` + `runtime/kv.py`): PyTorch, any device, every method
   (hidden states for feature drafts, trees, drafts with restricted vocabularies);
 - `llama.cpp` (`runtime/llama_engine.py`): the GGUF file through llama-cpp-python, fast
-  on CPU; chains, no hidden states (see that module for what it serves).
+  on CPU; chains, trees and hidden states (see that module for what it serves).
+
+Both run the rows of many sessions in one forward pass (`forward_batch`, continuous
+batching); worker ops yield their `Forward`s so a scheduler (`runtime/scheduler.py`) can
+batch them, and `run_alone` runs an op by itself.
 
 Logits always come back as float32 tensors on the CPU: acceptance and sampling run
 there, with CPU random generators.

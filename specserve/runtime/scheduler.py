@@ -40,6 +40,8 @@ from specserve.runtime.engine import Engine, Forward, ForwardResult, Op, run_for
 LOAD_DECAY = 0.9  # per pass: how fast the reported mean batch follows the load
 GAP_DECAY = 0.7  # per returning op: how fast a session's gap estimate follows
 MAX_GAP_S = 0.2  # a longer gap between an op's return and the next is a pause, not part of decoding
+GATHER_PASS_SHARE = 1.0  # the longest wait for due sessions, as a share of the last pass
+GAP_SLACK = 2.0  # a session is due back within this many of its usual gaps
 
 
 @dataclass
@@ -158,18 +160,18 @@ class BatchScheduler:
         began = time.perf_counter()
         while True:
             now = time.perf_counter()
-            limit = began + 0.5 * self._last_pass_s
-            # When each session whose op is out is due back (1.5 gaps: a little slack).
-            due = [t + 1.5 * self._gap_s[o] for o, t in self._returned.items() if o in self._gap_s]
-            due = [d for d in due if now < d <= limit]
-            if not due:
+            limit = began + GATHER_PASS_SHARE * self._last_pass_s
+            # When each session whose op is out is due back (with slack), not past the limit.
+            due = [t + GAP_SLACK * self._gap_s[o] for o, t in self._returned.items() if o in self._gap_s]
+            deadline = min(max((d for d in due if d > now), default=now), limit)
+            if deadline <= now:
                 return
-            deadline = max(due)
             with self._cv:
                 if not self._inbox and not self._closed:
                     self._cv.wait(deadline - now)
                 inbox, self._inbox = self._inbox, []
             self._take(inbox)
+
     def _call(self, fn: Callable, args: tuple, future: concurrent.futures.Future, drop_ops_of: object) -> None:
         if drop_ops_of is not None:
             for pending in [p for p in self._waiting if p.owner is drop_ops_of]:
