@@ -95,7 +95,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             if pool is not None and hasattr(pool, "prefetch"):
                 pool.prefetch([tuple(job.prompt_ids[-LOOKUP_KEY:]), (job.prompt_ids[-1],)])
             if job.method == pb.LOOKAHEAD:
-                steps = decode_lookahead(target, decoding, job.lookahead, pool)
+                costs = costs_of(self.upstreams.target_info) if self.limits.speculation_control == "cost" else None
+                steps = decode_lookahead(target, decoding, job.lookahead, pool, costs.verify_chain if costs else None)
             else:
                 steps = decode(target, proposer, decoding)
             accepted_so_far = proposed_so_far = 0

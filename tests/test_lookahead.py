@@ -236,3 +236,46 @@ def test_sampled_lookahead_step_follows_the_target_distribution(tiny_target):
         assert worker.kv.length == len(prompt) + 1 + result.verdict.accepted
         worker.kv.rollback(len(prompt))  # the same step again; the random stream goes on
     assert total_variation(counts, expected) < 0.06  # noise at 1.2k trials over 5 outcomes: ~0.025
+
+
+class BusyTarget(LocalTargetSession):
+    """A target whose every pass also carried `other` tokens of other sessions (what a batching
+    target reports), recording the window levels each step sent."""
+
+    def __init__(self, target, other: int):
+        super().__init__(target)
+        self.other, self.sent_levels = other, []
+
+    async def lookahead(self, committed_len, pending, levels, candidates):
+        self.sent_levels.append(sum(map(len, levels)))
+        self.last_batch_tokens = self.other + 1 + sum(map(len, levels)) + sum(map(len, candidates))
+        return await super().lookahead(committed_len, pending, levels, candidates)
+
+
+def test_under_load_the_window_stands_still_and_output_stays_exact(tiny_target):
+    from specserve.core.controller import CostPoint, CostTable
+
+    # Flat to 16 tokens, then 10 ms per token: past 300 other tokens a window row costs 10 ms, alone far less.
+    knee = CostTable.of(CostPoint(c, k, 40.0 + 0.5 * k if k <= 16 else 48.0 + 10.0 * (k - 16))
+                        for c in (128, 1024) for k in (1, 2, 4, 8, 16, 32, 64))
+    flat = CostTable.of(CostPoint(c, k, 40.0 + 0.05 * k) for c in (128, 1024) for k in (1, 2, 4, 8, 16, 32, 64))
+    shape = LookaheadShape(5, 4, 5)
+    prompt = PROMPTS[0]
+    plain = plain_greedy(tiny_target, prompt, 40)
+
+    def run(table, other):
+        target = BusyTarget(tiny_target, other)
+        request = DecodeRequest(prompt, SamplingConfig(max_new_tokens=40), 0, frozenset(), tiny_target.max_context_tokens)
+
+        async def collect():
+            return [t async for chunk in decode_lookahead(target, request, shape, None, table) for t in chunk.tokens]
+
+        return asyncio.run(collect()), target.sent_levels
+
+    busy, sent = run(knee, 300)
+    assert busy == plain
+    assert sent[0] == 5 and set(sent[1:]) == {1}  # the first level until the load is seen, then one token
+    _, sent = run(flat, 300)
+    assert 1 not in sent and max(sent) == 15  # on a flat curve the window grows and goes, load or not
+    alone, sent = run(knee, 0)
+    assert alone == plain and 1 not in sent and max(sent) == 15

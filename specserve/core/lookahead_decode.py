@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from specserve.core.acceptance import Verdict
+from specserve.core.controller import CostTable
 from specserve.core.lookahead import CandidatePool, JacobiWindow, LookaheadShape, select_candidates
 from specserve.core.ngram_pool import LOOKUP_KEY, NgramPool
 from specserve.core.prompt_lookup import find_continuation
@@ -20,6 +21,8 @@ from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import Chunk, DecodeRequest, StepRecord, _cut
 
 LOOKUP_TOKENS = 8  # a prompt-lookup candidate (a match of the last 3 or 2 tokens) may be this long
+WINDOW_COST_SHARE = 0.5  # under load, the window's rows may cost this much more than they cost alone
+LOAD_DECAY = 0.5  # per step: how fast the load estimate follows the target's passes
 
 
 class LookaheadTarget(Protocol):
@@ -31,6 +34,34 @@ class LookaheadTarget(Protocol):
     async def lookahead(self, committed_len: int, pending: int, levels: list[list[int]],
                         candidates: list[list[int]]) -> tuple[Verdict, list[int]]:
         """One lookahead step: (verdict over the candidates, the window's next level)."""
+
+
+class WindowUnderLoad:
+    """Whether a greedy step sends its Jacobi window when the target batches other sessions.
+
+    The window's rows buy n-grams for later steps, not tokens now; in a shared forward pass
+    (continuous batching) they cost every session what they add to the pass. Alone the
+    window always goes; under load it goes while what its rows add to the pass is at most
+    (1 + WINDOW_COST_SHARE) times what they add to the step alone (`table`: the target's
+    measured verify_chain costs): on a cost curve that is flat at first and then turns
+    steep, a big batch makes them dearer and the step sends one window token instead (the
+    window stands still until the load falls); on a curve of one slope nothing changes.
+    """
+
+    def __init__(self, table: CostTable):
+        self.table = table
+        self.load_tokens = 0.0  # other sessions' tokens in the target's passes (decaying mean)
+
+    def observe(self, other_tokens: int) -> None:
+        self.load_tokens = LOAD_DECAY * self.load_tokens + (1 - LOAD_DECAY) * max(other_tokens, 0)
+
+    def send_window(self, window_rows: int, other_rows: int, context: int) -> bool:
+        if self.load_tokens < 1.0:
+            return True
+        ms = self.table.ms
+        alone = ms(other_rows + window_rows, context) - ms(other_rows, context)
+        loaded = ms(self.load_tokens + other_rows + window_rows, context) - ms(self.load_tokens + other_rows, context)
+        return loaded <= (1 + WINDOW_COST_SHARE) * alone
 
 
 class LookaheadProposals:
@@ -67,11 +98,13 @@ class LookaheadProposals:
 
 
 async def decode_lookahead(target: LookaheadTarget, request: DecodeRequest, shape: LookaheadShape,
-                           shared: NgramPool | None = None) -> AsyncIterator[Chunk]:
+                           shared: NgramPool | None = None, costs: CostTable | None = None) -> AsyncIterator[Chunk]:
     """Generate tokens by lookahead decoding; the last chunk carries the finish reason.
 
     Like core.speculate.decode, the caller may stop iterating at any time; closing the
-    session is the caller's job. Proposed/accepted count candidate tokens.
+    session is the caller's job. Proposed/accepted count candidate tokens. With `costs`
+    (the target's verify_chain table), a greedy request trims its window under load
+    (`WindowUnderLoad`); a sampled one never does, so its steps do not depend on load.
     """
     stats = request.stats
     prompt = list(request.prompt)
@@ -85,6 +118,7 @@ async def decode_lookahead(target: LookaheadTarget, request: DecodeRequest, shap
     if finish is not None:
         return
     window = JacobiWindow(shape, prompt, request.seed)
+    under_load = WindowUnderLoad(costs) if costs is not None and request.sampling.greedy else None
     proposals = LookaheadProposals(shape, shared)
     proposals.observe(sequence, 0)
     while True:
@@ -97,7 +131,12 @@ async def decode_lookahead(target: LookaheadTarget, request: DecodeRequest, shap
         room = request.max_context_tokens - len(sequence)  # positions left after the pending token's
         if len(levels) + shape.window - 1 > room:
             levels = [levels[0][:room]]  # near the end of the context: one short level, not kept
+        candidate_rows = 1 + sum(map(len, candidates))
+        if under_load is not None and not under_load.send_window(sum(map(len, levels)) - 1, candidate_rows, len(sequence)):
+            levels = [levels[0][:1]]  # one window token: the window stands still
         verdict, next_level = await target.lookahead(len(sequence) - 1, sequence[-1], levels, candidates)
+        if under_load is not None:
+            under_load.observe(getattr(target, "last_batch_tokens", 0) - candidate_rows - sum(map(len, levels)))
         if levels is window.levels and len(next_level) == shape.window:  # else the window stands still
             for ngram in window.update(next_level):
                 proposals.local.add(ngram)
