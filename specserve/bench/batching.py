@@ -7,6 +7,11 @@ same request's output at concurrency 1 of the same setting and with batching off
 
     python -m specserve.bench.batching --concurrency 1,4,16,64 --out bench-batching   # the real model
     python -m specserve.bench.batching --simulated --target-ms 20 --out bench-batching-sim   # a GPU-like target
+    python -m specserve.bench.batching --in-process --dtype bfloat16   # the scheduler alone, no gRPC
+
+--in-process measures what the model thread can do when nothing else needs the CPU: c
+threads each decode one sequence (random 60-token prompts, plain greedy steps) through a
+`BatchScheduler` on the torch engine in this process.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from specserve.bench.aggregate import median
@@ -67,6 +73,43 @@ def measure(args) -> dict:
             "mismatches": _mismatches(outputs, levels)}
 
 
+def measure_in_process(args) -> None:
+    import statistics
+
+    import torch
+
+    from specserve.core.sampling import SamplingConfig
+    from specserve.loading import load_model
+    from specserve.runtime.scheduler import BatchScheduler
+    from specserve.runtime.workers import TargetWorker
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = load_model(args.target_model, "bfloat16" if args.dtype == "auto" else args.dtype, engine="torch")
+    passes: list = []
+    scheduler = BatchScheduler(engine, token_budget=512, on_pass=passes.append)
+
+    def decode(seed: int) -> None:
+        prompt = torch.randint(100, 40000, (60,), generator=torch.Generator().manual_seed(seed)).tolist()
+        worker = TargetWorker(engine)
+        token = scheduler.submit_op(worker.start_op(prompt, SamplingConfig(), 0), worker).result()
+        for length in range(len(prompt), len(prompt) + args.max_new_tokens):
+            token = scheduler.submit_op(worker.verify_op(length, [token], None), worker).result().tokens[-1]
+        scheduler.submit_call(worker.close, drop_ops_of=worker).result()
+
+    print(f"CPU: {_machine()['cpu']}; torch threads {torch.get_num_threads()}; {engine.dtype_name}")
+    for level in (int(c) for c in args.concurrency.split(",")):
+        passes.clear()
+        began = time.perf_counter()
+        with ThreadPoolExecutor(level) as pool:
+            list(pool.map(decode, range(level)))
+        wall = time.perf_counter() - began
+        steps = [p for p in passes if p.tokens <= level]  # decoding passes (prefills excluded)
+        print(f"{level} sessions: {level * args.max_new_tokens / wall:.1f} tokens/s, {statistics.mean(p.sessions for p in passes):.1f} "
+              f"sessions per pass, median decoding pass {statistics.median(p.ms for p in steps):.1f} ms")
+    scheduler.close()
+
+
 def _mismatches(outputs: dict, levels: list[int]) -> list[str]:
     """Requests whose output differs from the same request alone (concurrency 1) or unbatched."""
     found = []
@@ -116,8 +159,12 @@ def main() -> None:
                                                                  "target-ms + token-ms x its tokens)")
     parser.add_argument("--target-ms", type=float, default=20.0)
     parser.add_argument("--token-ms", type=float, default=0.0)
+    parser.add_argument("--in-process", action="store_true", help="the scheduler and engine alone (see above)")
     parser.add_argument("--out", type=Path, default=Path("bench-batching"))
     args = parser.parse_args()
+    if args.in_process:
+        measure_in_process(args)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     result = measure(args)

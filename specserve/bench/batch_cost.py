@@ -1,11 +1,12 @@
-"""What a llama.cpp forward_batch of B single-token decode rows costs against one session alone.
+"""What an engine's forward_batch of B single-token decode rows costs against one session alone.
 
-    python -m specserve.bench.llama_batch_cost [--batches 1,4,16,64] [--prompt 64] [--repeats 9]
+    python -m specserve.bench.batch_cost --engine torch --dtype bfloat16 [--batches 1,4,16,64] [--prompt 64]
+    python -m specserve.bench.batch_cost --engine llama.cpp
 
 Each of B sessions holds a `--prompt`-token cache; one step decodes one token for each, in one
-forward_batch (sessions sharing one context of B slots), and is undone by rollback. "alone" is
-one session's single-token step in a private context, timed interleaved with the batch.
-Prints median milliseconds.
+forward_batch, and is undone by rollback. "alone" is one session's single-token step, timed
+interleaved with the batch. On llama.cpp the B sessions share one context of B slots and the
+lone session has a private one. Prints median milliseconds.
 """
 
 from __future__ import annotations
@@ -44,22 +45,34 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--engine", default="llama.cpp", choices=["torch", "llama.cpp"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="the torch engine's")
     args = parser.parse_args()
-    from specserve.runtime.llama_engine import LlamaEngine
+    if args.threads and args.engine == "torch":
+        import torch
 
+        torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
-    base = load_model("smollm2", engine="llama.cpp", threads=args.threads)
     prompt = [1000 + i for i in range(args.prompt)]
-    private = LlamaEngine("smollm2", base.path, threads=base.threads, context_tokens=1024, batch_slots=1)
-    one = private.new_session()
-    one.extend(prompt)
-    print(f"CPU: {cpu_name()}; threads {base.threads}; model smollm2 {base.dtype_name}; cache {args.prompt} tokens each")
+    base = load_model("smollm2", args.dtype, engine=args.engine, threads=args.threads)
+    if args.engine == "llama.cpp":
+        from specserve.runtime.llama_engine import LlamaEngine
+
+        lone_engine = LlamaEngine("smollm2", base.path, threads=base.threads, context_tokens=1024, batch_slots=1)
+        engines = lambda b: LlamaEngine("smollm2", base.path, threads=base.threads, context_tokens=1024,  # noqa: E731
+                                        batch_slots=max(b, 1))
+    else:
+        lone_engine, engines = base, lambda b: base  # noqa: E731
+    one = lone_engine.new_session()
+    run_forward(Forward(one, prompt, logits_for=0))
+    threads = getattr(base, "threads", None) or __import__("torch").get_num_threads()
+    print(f"CPU: {cpu_name()}; {args.engine} {base.dtype_name}, {threads} threads; model smollm2; cache {args.prompt} tokens each")
     print(f"{'B':>4} {'alone ms':>9} {'forward_batch ms':>17} {'ms per row':>11} {'vs B steps alone':>17}")
     for b in batches:
-        engine = LlamaEngine("smollm2", base.path, threads=base.threads, context_tokens=1024, batch_slots=max(b, 1))
+        engine = engines(b)
         sessions = [engine.new_session() for _ in range(b)]
         for s in sessions:
-            s.extend(prompt)
+            run_forward(Forward(s, prompt, logits_for=0))
 
         def undo():
             for s in sessions:
@@ -71,10 +84,12 @@ def main() -> None:
         print(f"{b:>4} {alone:>9.2f} {ms:>17.2f} {ms / b:>11.2f} {b * alone / ms:>16.2f}x")
         for s in sessions:
             s.close()
-        engine.close()
+        if engine is not base:
+            engine.close()
     one.close()
-    private.close()
-    base.close()
+    if lone_engine is not base:
+        lone_engine.close()
+        base.close()
 
 
 if __name__ == "__main__":
