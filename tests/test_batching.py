@@ -27,6 +27,26 @@ def prompts(count: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(17, 40000) for _ in range(n)] for n in (3, 150, 9, 40, 5, 77)[:count]]
 
 
+def alone_and_together(engine, inputs: list, script, token_budget: int):
+    """Runs script(input, run) for each input alone (run = run_alone), then for all inputs at
+    once from threads through one BatchScheduler; (alone outputs, batched outputs, passes)."""
+    alone = [script(item, lambda op, owner: run_alone(op)) for item in inputs]
+    passes = []
+    scheduler = BatchScheduler(engine, token_budget=token_budget, on_pass=passes.append)
+    barrier = threading.Barrier(len(inputs))
+
+    def scheduled(item):
+        barrier.wait()
+        return script(item, lambda op, owner: scheduler.submit_op(op, owner).result(timeout=60))
+
+    try:
+        with ThreadPoolExecutor(len(inputs)) as pool:
+            batched = list(pool.map(scheduled, inputs))
+    finally:
+        scheduler.close()
+    return alone, batched, passes
+
+
 def session_script(target, prompt: list[int], plain: list[int], kind: int, run) -> tuple[list, int]:
     """One session's ops: start, then verify chains, trees and lookahead steps built from the
     plain continuation with wrong tokens mixed in. `run` runs an op (alone or scheduled).
@@ -64,27 +84,13 @@ def test_mixed_ops_in_shared_passes_equal_each_session_alone(tiny_target):
     assert tiny_target.supports_batching
     items = prompts(6)
     plains = [plain_greedy(tiny_target, p, 40) for p in items]
-    alone = [session_script(tiny_target, p, plain, kind, lambda op, owner: run_alone(op))
-             for kind, (p, plain) in enumerate(zip(items, plains))]
+    alone, batched, passes = alone_and_together(
+        tiny_target, list(range(len(items))),
+        lambda kind, run: session_script(tiny_target, items[kind], plains[kind], kind, run), token_budget=32)
     for kind, (outputs, _) in enumerate(alone):  # greedy sessions follow plain decoding exactly
         if kind != 5:
             tokens = [outputs[0]] + [t for _, step in outputs[1:] for t in step]
             assert tokens == plains[kind][: len(tokens)]
-
-    passes = []
-    scheduler = BatchScheduler(tiny_target, token_budget=32, on_pass=passes.append)
-    barrier = threading.Barrier(len(items))
-
-    def scheduled(kind: int):
-        barrier.wait()
-        return session_script(tiny_target, items[kind], plains[kind], kind,
-                              lambda op, owner: scheduler.submit_op(op, owner).result(timeout=60))
-
-    try:
-        with ThreadPoolExecutor(len(items)) as pool:
-            batched = list(pool.map(scheduled, range(len(items))))
-    finally:
-        scheduler.close()
     assert batched == alone
     assert max(p.sessions for p in passes) >= 3  # sessions really shared passes
     assert all(p.tokens <= 32 for p in passes)  # the 150-token prompt was prefilled in chunks
@@ -103,20 +109,7 @@ def test_draft_proposals_in_shared_passes_equal_each_alone(tiny_draft_dir):
         second = run(worker.propose_op(len(prompt) + 2, first[0][:2], 3), worker)
         return first, second
 
-    alone = [script(p, lambda op, owner: run_alone(op)) for p in items]
-    passes = []
-    scheduler = BatchScheduler(draft, token_budget=64, on_pass=passes.append)
-    barrier = threading.Barrier(len(items))
-
-    def scheduled(prompt):
-        barrier.wait()
-        return script(prompt, lambda op, owner: scheduler.submit_op(op, owner).result(timeout=60))
-
-    try:
-        with ThreadPoolExecutor(len(items)) as pool:
-            batched = list(pool.map(scheduled, items))
-    finally:
-        scheduler.close()
+    alone, batched, passes = alone_and_together(draft, items, script, token_budget=64)
     assert batched == alone
     assert max(p.sessions for p in passes) >= 2
 
@@ -238,19 +231,6 @@ def test_feature_draft_proposals_in_shared_passes_equal_each_alone(tiny_target, 
         tree = run(worker.propose_tree_op(len(prompt), [chain[0][0]], hidden[-1:], shape), worker)
         return chain, (tree.tokens, tree.parents)
 
-    alone = [script(p, lambda op, owner: run_alone(op)) for p in items]
-    passes = []
-    scheduler = BatchScheduler(feature_draft, token_budget=64, on_pass=passes.append)
-    barrier = threading.Barrier(len(items))
-
-    def scheduled(prompt):
-        barrier.wait()
-        return script(prompt, lambda op, owner: scheduler.submit_op(op, owner).result(timeout=60))
-
-    try:
-        with ThreadPoolExecutor(len(items)) as pool:
-            batched = list(pool.map(scheduled, items))
-    finally:
-        scheduler.close()
+    alone, batched, passes = alone_and_together(feature_draft, items, script, token_budget=64)
     assert batched == alone
     assert max(p.sessions for p in passes) >= 2
