@@ -123,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
                         if batching == "off":  # a second stack, alike but for batching
                             config = _stack_config(args, draft_model, methods, out / "logs-unbatched", batching="off")
                             where = other.enter_context(Stack(config)).address
+                            _warm_up_stack(where, prompts[0])
                         rows = measure_concurrency(where, prompts, methods, levels, args.concurrency_max_new_tokens,
                                                    args.concurrency_requests, progress)
                     state["concurrency"] += [{"batching": batching, **row} for row in rows]
@@ -227,6 +228,17 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
                 save()
     save()
     return address
+
+
+def _warm_up_stack(address: str, prompt) -> None:
+    """One short request, so a new stack's first-session costs (a llama.cpp context) stay out of the figures."""
+    from specserve.bench.runners.distributed import DistributedRunner
+
+    runner = DistributedRunner(address)
+    try:
+        runner.run(prompt, "autoregressive", 4)
+    finally:
+        runner.close()
 
 
 def _stack_config(args, draft_model, methods, log_dir: Path, batching: str = "on"):
