@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from specserve.core.acceptance import Verdict
-from specserve.core.controller import CostTable
+from specserve.core.controller import LOAD_DECAY, CostTable
 from specserve.core.lookahead import CandidatePool, JacobiWindow, LookaheadShape, select_candidates
 from specserve.core.ngram_pool import LOOKUP_KEY, NgramPool
 from specserve.core.prompt_lookup import find_continuation
@@ -22,7 +22,6 @@ from specserve.core.speculate import Chunk, DecodeRequest, StepRecord, _cut
 
 LOOKUP_TOKENS = 8  # a prompt-lookup candidate (a match of the last 3 or 2 tokens) may be this long
 WINDOW_COST_SHARE = 0.5  # under load, the window's rows may cost this much more than they cost alone
-LOAD_DECAY = 0.5  # per step: how fast the load estimate follows the target's passes
 
 
 class LookaheadTarget(Protocol):
