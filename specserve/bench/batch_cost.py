@@ -12,19 +12,12 @@ lone session has a private one. Prints median milliseconds.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
+from specserve.bench.batching import cpu_description
 from specserve.loading import load_model
 from specserve.runtime.engine import Forward, run_forward
-
-
-def cpu_name() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def median_ms(steps, undos, repeats: int) -> list[float]:
@@ -66,7 +59,7 @@ def main() -> None:
     one = lone_engine.new_session()
     run_forward(Forward(one, prompt, logits_for=0))
     threads = getattr(base, "threads", None) or __import__("torch").get_num_threads()
-    print(f"CPU: {cpu_name()}; {args.engine} {base.dtype_name}, {threads} threads; model smollm2; cache {args.prompt} tokens each")
+    print(f"CPU: {cpu_description()}; {args.engine} {base.dtype_name}, {threads} threads; model smollm2; cache {args.prompt} tokens each")
     print(f"{'B':>4} {'alone ms':>9} {'forward_batch ms':>17} {'ms per row':>11} {'vs B steps alone':>17}")
     for b in batches:
         engine = engines(b)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -97,7 +96,7 @@ def measure_in_process(args) -> None:
             token = scheduler.submit_op(worker.verify_op(length, [token], None), worker).result().tokens[-1]
         scheduler.submit_call(worker.close, drop_ops_of=worker).result()
 
-    print(f"CPU: {_machine()['cpu']}; torch threads {torch.get_num_threads()}; {engine.dtype_name}")
+    print(f"CPU: {cpu_description()}; torch threads {torch.get_num_threads()}; {engine.dtype_name}")
     for level in (int(c) for c in args.concurrency.split(",")):
         passes.clear()
         began = time.perf_counter()
@@ -121,12 +120,15 @@ def _mismatches(outputs: dict, levels: list[int]) -> list[str]:
 
 
 def _machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu or platform.processor(), "cores": len(os.sched_getaffinity(0)), "load_average": os.getloadavg()}
+    from specserve.runtime.profile import machine_facts
+
+    return {**machine_facts(), "load_average": os.getloadavg()}
+
+
+def cpu_description() -> str:
+    """The CPU's model name and its flags that matter for matrix products."""
+    facts = _machine()
+    return f"{facts['cpu']} ({' '.join(facts['flags']) or 'no avx512/amx flags'})"
 
 
 def table(result: dict) -> str:
@@ -172,7 +174,7 @@ def main() -> None:
     (args.out / "batching.json").write_text(json.dumps(result, indent=1))
     (args.out / "batching.md").write_text(table(result) + "\n")
     print(table(result))
-    print(f"CPU: {result['machine']['cpu']}; mismatches: {len(result['mismatches'])}")
+    print(f"CPU: {cpu_description()}; mismatches: {len(result['mismatches'])}")
     for line in result["mismatches"][:20]:
         print("  " + line)
 

@@ -27,7 +27,8 @@ LLAMA_MAX_SEQ = 256  # llama.cpp's compile-time limit on n_seq_max
 HIDDEN_CHUNK = 128
 
 
-def _llama():
+def llama_library():
+    """llama-cpp-python, imported when first used (it is an optional, separately built package)."""
     import llama_cpp
 
     return llama_cpp
@@ -39,7 +40,7 @@ class ContextHome:
     def __init__(self, engine, slots: int, tree_ids: int):
         if slots + tree_ids > LLAMA_MAX_SEQ:
             raise ValueError(f"{slots} sessions and {tree_ids} tree paths exceed llama.cpp's {LLAMA_MAX_SEQ} sequences")
-        ll = _llama()
+        ll = llama_library()
         params = ll.llama_context_default_params()
         # Every session may fill the window; the margin absorbs a batch's worth of scattered free cells.
         params.n_ctx = slots * engine.max_context_tokens + (engine.batch_tokens if slots > 1 else 0)
@@ -76,7 +77,7 @@ class ContextHome:
         return self.free_slots.pop()
 
     def free_slot(self, seq: int) -> None:
-        _llama().llama_memory_seq_rm(self.memory, seq, -1, -1)
+        llama_library().llama_memory_seq_rm(self.memory, seq, -1, -1)
         self.free_slots.append(seq)
 
     def borrow_tree_ids(self, count: int) -> list[int]:
@@ -88,11 +89,11 @@ class ContextHome:
     def return_tree_ids(self, ids: list[int]) -> None:
         """Removes the ids from every cell (cells only they held are freed) and pools them again."""
         for s in ids:
-            _llama().llama_memory_seq_rm(self.memory, s, -1, -1)
+            llama_library().llama_memory_seq_rm(self.memory, s, -1, -1)
         self.free_tree_ids.extend(reversed(ids))
 
     def free(self) -> None:
-        ll = _llama()
+        ll = llama_library()
         ll.llama_batch_free(self.batch)
         ll.llama_free(self.context)
         self.context = None
@@ -137,7 +138,7 @@ def decode_jobs(home: ContextHome, jobs: list[Job], vocab: int, width: int,
     """Decodes every job's rows in as few llama_decode calls as the batch size allows (one
     when they fit): per job (logits [logits_for, V] or None, hidden [n, H] or None).
     On failure every job's new cells are dropped (the sessions' lengths are untouched)."""
-    ll = _llama()
+    ll = llama_library()
     hidden = any(job.hidden for job in jobs)
     if hidden != home.embeddings_on:
         ll.llama_set_embeddings(home.context, hidden)  # with embeddings on, every row is an output

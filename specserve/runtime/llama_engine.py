@@ -24,18 +24,12 @@ from pathlib import Path
 import torch
 
 from specserve.runtime.engine import Forward, ForwardResult
-from specserve.runtime.llama_batch import HIDDEN_CHUNK, LLAMA_MAX_SEQ, ContextHome, Job, decode_jobs
+from specserve.runtime.llama_batch import HIDDEN_CHUNK, LLAMA_MAX_SEQ, ContextHome, Job, llama_library, decode_jobs
 
 # The most root-to-leaf paths one tree may have (each borrows a sequence id while in the cache).
 MAX_TREE_LEAVES = 64
 # Sessions per shared context by default: rows of up to this many sessions share a llama_decode.
 BATCH_SLOTS = 16
-
-
-def _llama():
-    import llama_cpp
-
-    return llama_cpp
 
 
 def _log_errors_only(level: int, text: bytes, user_data) -> None:
@@ -62,7 +56,7 @@ class LlamaEngine:
         global _LOG_CALLBACK
         if not 1 <= batch_slots <= LLAMA_MAX_SEQ - MAX_TREE_LEAVES:
             raise ValueError(f"batch_slots must be in [1, {LLAMA_MAX_SEQ - MAX_TREE_LEAVES}], got {batch_slots}")
-        ll = _llama()
+        ll = llama_library()
         if _LOG_CALLBACK is None:
             _LOG_CALLBACK = ll.llama_log_callback(_log_errors_only)
             ll.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
@@ -149,7 +143,7 @@ class LlamaEngine:
             home.free()
         self._homes = []
         if self.model:
-            _llama().llama_model_free(self.model)
+            llama_library().llama_model_free(self.model)
             self.model = None
 
 
@@ -176,7 +170,7 @@ class LlamaSession:
         return self._alone(token_ids, positions, visible, len(token_ids), return_hidden)
 
     def keep(self, start: int, offsets: list[int]) -> None:
-        ll = _llama()
+        ll = llama_library()
         if self._tree is not None:
             tree_start, sequences, _ = self._tree
             if start != tree_start:
@@ -197,7 +191,7 @@ class LlamaSession:
             raise ValueError(f"cannot roll back to {length}: the cache holds {self.length} tokens")
         self._drop_tree()
         if length < self.length:
-            _llama().llama_memory_seq_rm(self.home.memory, self.seq, length, -1)
+            llama_library().llama_memory_seq_rm(self.home.memory, self.seq, length, -1)
             self.length = length
 
     def close(self) -> None:
@@ -257,7 +251,7 @@ class LlamaSession:
         self._drop_tree()  # a tree not kept before the next one is dropped, as rollback would
         leaves, visible = tree
         ids = self.home.borrow_tree_ids(len(leaves))
-        ll = _llama()
+        ll = llama_library()
         for s in ids:
             ll.llama_memory_seq_cp(self.home.memory, self.seq, s, -1, -1)
         sequences = [[ids[k] for k, leaf in enumerate(leaves) if bool(visible[leaf, i])] for i in range(len(token_ids))]
@@ -271,4 +265,4 @@ class LlamaSession:
         """A batch failed or never ran: drops whatever of it reached the cache."""
         if job.is_tree:
             self._drop_tree()
-        _llama().llama_memory_seq_rm(self.home.memory, self.seq, self.length, -1)
+        llama_library().llama_memory_seq_rm(self.home.memory, self.seq, self.length, -1)
