@@ -24,7 +24,7 @@ from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.speculate import DecodeRequest, Finish, decode
 from specserve.core.text import IncrementalDetokenizer, StopStringFilter
 from specserve.serving.grpc_server import status_on_error
-from specserve.v1 import model_service_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
+from specserve.v1 import common_pb2, model_service_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,14 @@ class Upstreams:
     @property
     def draft_info(self) -> model_service_pb2.ModelInfo | None:  # None until a draft replica answers
         return self.draft.info() if self.draft is not None else None
+
+
+def serving_model(replica) -> common_pb2.ServingModel | None:
+    """What a replica runs (from its last GetInfo), for a response's stats; None without one."""
+    info = replica.info if replica is not None else None
+    if info is None:
+        return None
+    return common_pb2.ServingModel(model=info.model, engine=info.engine, dtype=info.dtype, quantization=info.quantization)
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
@@ -138,6 +146,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                             method=job.method,
                             draft_forward_passes=proposer.forward_passes if proposer else 0,
                             lossy=job.lossy,
+                            target=serving_model(target.replica),
+                            draft=serving_model(getattr(proposer, "replica", None)),
                             failovers=target.failovers + getattr(proposer, "failovers", 0),
                             step_timings=[
                                 pb.StepTiming(wall_ms=s.wall_ms, compute_ms=s.compute_ms, proposed=s.proposed, accepted=s.accepted)

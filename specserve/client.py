@@ -116,4 +116,11 @@ def describe(stats: pb.GenerationStats) -> str:
         f"{stats.target_forward_passes} target forward passes, "
         f"mean accepted length {stats.mean_accepted_length:.2f}, "
         f"accepted {stats.accepted_tokens}/{stats.proposed_tokens} proposed"
+        + (f"; target on {served(stats.target)}" if stats.HasField("target") else "")
     )
+
+
+def served(model) -> str:
+    """'torch float32' or 'llama.cpp Q4_1 (GGUF Q4_1)': what computed a response (a ServingModel)."""
+    quantized = f" ({model.quantization})" if model.quantization not in ("", "none") else ""
+    return f"{model.engine} {model.dtype}{quantized}"

@@ -15,13 +15,14 @@ def run_demo(args: argparse.Namespace, config: StackConfig, make_request) -> int
     method = args.method or config.default_method
     # Service logs go to files, so the terminal shows the generation only.
     config = dataclasses.replace(config, log_dir=config.log_dir or cache_root() / "demo-logs")
-    print(f"starting target ({config.target_model}, {config.dtype}, engine {config.engine}), "
+    print(f"starting target ({config.target_model}, dtype {config.dtype}, engine {config.engine}), "
           f"draft ({config.draft_model or 'none'}), orchestrator and n-gram store (logs in {config.log_dir}) ...",
           file=sys.stderr, flush=True)
     with Stack(config) as stack:
-        if config.dtype == "auto":
-            print(f"dtype auto: {stack.config.dtype} serves best on this machine (measured; `specserve profile` shows why)",
-                  file=sys.stderr, flush=True)
+        for role, run in stack.services.items():
+            chosen = "the GGUF file's own types" if run.dtype == "auto" else run.dtype
+            print(f"{role}: {run.engine} engine, {chosen}" + (" (dtype auto: measured to serve best here; `specserve "
+                  "profile` shows why)" if config.dtype == "auto" and run.engine == "torch" else ""), file=sys.stderr, flush=True)
         channel, stub = connect(stack.address)
         with channel:
             generate(stub, make_request(args, "Hello", "autoregressive"))  # warm-up: first passes are slow

@@ -44,10 +44,20 @@ def wait_serving(address: str, timeout_s: float, process: subprocess.Popen | Non
             time.sleep(0.2)
 
 
-def _resolve_dtype(config: "StackConfig") -> str:
-    """The best torch dtype here, measured with the services' thread count (profiles are
-    cached per thread count, so the services then find theirs): the target's, or the
-    draft's when the target runs on llama.cpp (which computes in the GGUF's own types)."""
+@dataclass(frozen=True)
+class ServiceModel:
+    """What one model service is told to run: --engine and --dtype, both resolved."""
+
+    engine: str  # "torch" or "llama.cpp"
+    dtype: str  # "float32"/"bfloat16" for torch; "auto" for llama.cpp (the GGUF's own types)
+
+
+def resolve_services(config: "StackConfig") -> dict[str, ServiceModel]:
+    """The target's and the draft's engine and dtype (role -> ServiceModel), resolved once here so
+    every replica runs the same, and options that cannot be honoured together are refused before
+    anything starts (specserve.loading.IncompatibleOptions). dtype auto is measured with the
+    services' thread count (profiles are cached per thread count, so the services then find theirs):
+    the target's, or the draft's own when the target runs on llama.cpp."""
     import torch
 
     from specserve.dtype_choice import resolve_dtype
@@ -55,9 +65,18 @@ def _resolve_dtype(config: "StackConfig") -> str:
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    if resolve_engine(config.engine, config.target_model) == "torch":
-        return resolve_dtype("auto", config.target_model, "target")
-    return resolve_dtype("auto", config.draft_model, "draft") if config.draft_model else "float32"
+    engine = resolve_engine(config.engine, config.target_model, "cpu", config.dtype)
+    target = ServiceModel(engine, resolve_dtype(config.dtype, config.target_model, "target") if engine == "torch" else "auto")
+    services = {"target": target}
+    if config.draft_model:
+        engine = resolve_engine(config.engine, config.draft_model, "cpu", config.dtype)
+        if engine != "torch":
+            services["draft"] = ServiceModel(engine, "auto")
+        elif target.engine == "torch":
+            services["draft"] = ServiceModel(engine, target.dtype)  # the drafts read the target's states in its dtype
+        else:
+            services["draft"] = ServiceModel(engine, resolve_dtype(config.dtype, config.draft_model, "draft"))
+    return services
 
 
 def wait_http_ok(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
@@ -124,6 +143,7 @@ class Stack:
         self.redis_url = ""
         self.http_address = ""  # the gateway's host:port, when it runs
         self.metrics_addresses: dict[str, str] = {}  # service -> host:port of its /metrics, with config.metrics
+        self.services: dict[str, ServiceModel] = {}  # role -> the engine and dtype it runs (resolved at start)
         self._tmp = tempfile.TemporaryDirectory(prefix="specserve-")
 
     def __enter__(self) -> "Stack":
@@ -156,8 +176,7 @@ class Stack:
         py = sys.executable
         for spec in {c.target_model, c.tokenizer or c.target_model}:
             check_available(spec)  # a missing model package is named here, not in a service's log
-        if c.dtype == "auto":
-            self.config = c = dataclasses.replace(c, dtype=_resolve_dtype(c))
+        self.services = resolve_services(c)
         self.redis_url = self._start_redis()
         services = []  # (log name, address, process)
         for role, model, count, addresses in (("target", c.target_model, c.target_replicas, self.target_addresses),
@@ -168,7 +187,8 @@ class Stack:
                 addresses.append(address)
                 # Medusa heads beside each target, when configured (else the target's default).
                 medusa = ["--medusa", c.target_medusa] if role == "target" and c.target_medusa is not None else []
-                process = self._spawn(name, [py, "-m", f"{role}_service", "--model", model, "--dtype", c.dtype, "--engine", c.engine,
+                run = self.services[role]
+                process = self._spawn(name, [py, "-m", f"{role}_service", "--model", model, "--dtype", run.dtype, "--engine", run.engine,
                                              "--port", address.rpartition(":")[2], *self._metrics_flags(name), *medusa])
                 services.append((name, address, process))
         port = c.port or free_port()

@@ -19,17 +19,34 @@ def llama_cpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def resolve_engine(engine: str, spec: str, device: str = "cpu") -> str:
-    """The engine `auto` means for a model: llama.cpp for a GGUF model (a packaged one or a .gguf
-    file) on the CPU when llama-cpp-python is installed, else torch. llama.cpp gives hidden
-    states and trees too, so every method and draft the torch engine serves still works."""
+class IncompatibleOptions(ValueError):
+    """Flags that cannot be honoured together; the message names the flags and the fix."""
+
+
+def resolve_engine(engine: str, spec: str, device: str = "cpu", dtype: str = "auto") -> str:
+    """The engine that serves a model, honouring `dtype` or refusing.
+
+    `auto` means llama.cpp for a GGUF model (a packaged one or a .gguf file) on the CPU when
+    llama-cpp-python is installed and no dtype was asked for (`dtype` "auto"); with an explicit
+    dtype it means torch, which computes in that dtype. llama.cpp computes in the GGUF file's own
+    (quantized) types, so `--engine llama.cpp` with an explicit dtype is refused rather than
+    silently serving other weights than the ones asked for.
+    """
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        raise IncompatibleOptions(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    from specserve.drafter.loading import is_drafter_dir
+
+    if spec.startswith("sim:") or is_drafter_dir(spec):
+        return "torch"  # drafters and simulated models are PyTorch modules, whatever engine was asked for
+    if engine == "llama.cpp" and dtype != "auto":
+        raise IncompatibleOptions(
+            f"--engine llama.cpp computes in the GGUF file's own quantized types, not in {dtype}: "
+            f"use --engine torch (or --engine auto) for --dtype {dtype}, or --dtype auto for llama.cpp")
     if engine != "auto":
         return engine
     from specserve.runtime.models import gguf_file
 
-    if device == "cpu" and not spec.startswith("sim:") and gguf_file(spec) is not None and llama_cpp_available():
+    if dtype == "auto" and device == "cpu" and gguf_file(spec) is not None and llama_cpp_available():
         return "llama.cpp"
     return "torch"
 
@@ -50,7 +67,8 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", engine: s
 
     if is_drafter_dir(spec):
         return load_drafter_engine(spec, dtype, device)
-    if resolve_engine(engine, spec, device) == "llama.cpp":
+    # An explicit dtype keeps `auto` on torch (see resolve_engine); llama.cpp ignores `dtype`.
+    if resolve_engine(engine, spec, device, dtype if engine == "auto" else "auto") == "llama.cpp":
         from specserve.runtime.llama_engine import LlamaEngine
         from specserve.runtime.models import gguf_file
 

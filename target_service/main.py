@@ -38,16 +38,18 @@ def run(args: argparse.Namespace) -> None:
 
     def servicer(host) -> TargetServicer:
         heads = None
-        if directory is not None and host.loaded.engine_name != "torch":
-            # The heads' tree step runs on the torch engine's sessions; elsewhere MEDUSA is refused
+        if directory is not None and not (host.loaded.returns_hidden_states and host.loaded.supports_trees):
+            # The heads read the last hidden state and propose trees; without them MEDUSA is refused
             # (FAILED_PRECONDITION) and every other method serves as usual.
-            log.warning("Medusa heads %s are not hosted: the %s engine does not run them (use --engine torch)",
+            log.warning("Medusa heads %s are not hosted: the %s engine returns no hidden states or trees",
                         directory, host.loaded.engine_name)
         elif directory is not None:
             from specserve.drafter.medusa import load_medusa
 
-            # In the dtype the engine resolved (dtype auto); float32 beside an engine with its own types.
+            # In the dtype the engine resolved (dtype auto); float32 beside an engine with its own types
+            # (llama.cpp's hidden states come out in float32).
             heads, _ = load_medusa(directory, DTYPES.get(host.loaded.dtype_name, DTYPES["float32"]))
+            log.info("Medusa heads %s hosted beside the model (%d heads)", directory, heads.num_heads)
         return TargetServicer(host, heads=heads)
 
     serve_model(args, "target", servicer, target_pb2_grpc.add_TargetServiceServicer_to_server,

@@ -176,11 +176,13 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
     if "in_process" in modes or "hf" in modes:
         from specserve.bench.runners.hf import HfRunner
         from specserve.bench.runners.in_process import InProcessRunner
+        from specserve.loading import resolve_engine
 
         # transformers' generate needs the PyTorch module: hf mode keeps the torch engine.
-        engine = "torch" if "hf" in modes else args.engine
-        target = load_model(args.target_model, args.dtype, engine=engine, threads=args.threads)
-        draft = load_model(draft_model, args.dtype) if "draft_model" in methods else None
+        engine = "torch" if "hf" in modes else resolve_engine(args.engine, args.target_model, "cpu", args.dtype)
+        target = load_model(args.target_model, _torch_dtype(args, args.target_model, "target"), engine=engine,
+                            threads=args.threads)
+        draft = load_model(draft_model, _torch_dtype(args, draft_model, "draft")) if "draft_model" in methods else None
         tokenizer = load_tokenizer(args.target_model)
         if "in_process" in modes:
             from orchestrator.requests import Limits
@@ -263,12 +265,21 @@ def _threads(threads: int):
 
 def _resolve_dtype(args) -> tuple[str, str, dict[str, float]]:
     """(requested, chosen, each candidate's expected tokens/ms when measured)."""
-    if args.dtype != "auto":
-        return args.dtype, args.dtype, {}
+    from specserve.loading import resolve_engine
+
+    if args.dtype != "auto" or resolve_engine(args.engine, args.target_model, "cpu", "auto") != "torch":
+        return args.dtype, args.dtype, {}  # llama.cpp computes in the GGUF's own types: dtype stays auto
     from specserve.dtype_choice import choose_dtype
 
     chosen, rates = choose_dtype(args.target_model, "target")
     return "auto", chosen, rates
+
+
+def _torch_dtype(args, model: str, role: str) -> str:
+    """The dtype a PyTorch-run model loads in: the one asked for, or measured when that is auto."""
+    from specserve.dtype_choice import resolve_dtype
+
+    return resolve_dtype(args.dtype, model, role)
 
 
 def _profiles_used(args, draft_model: str | None) -> dict:
@@ -279,7 +290,7 @@ def _profiles_used(args, draft_model: str | None) -> dict:
     profiles = {}
     with _threads(args.threads):
         for role, model in (("target", args.target_model), ("draft", draft_model)):
-            measured = profile_for(load_model(model, args.dtype), role) if model else None
+            measured = profile_for(load_model(model, _torch_dtype(args, model, role)), role) if model else None
             if measured is not None:
                 profiles[role] = {**profile_to_json(measured), "from_cache": measured.from_cache}
     return profiles

@@ -73,6 +73,7 @@ class Engine(Protocol):
     eos_token_ids: frozenset[int]
     hidden_size: int
     dtype_name: str  # "float32", "bfloat16", "Q4_1", ...
+    quantization: str  # "none" for weights held in dtype_name, else the format ("GGUF Q4_1")
     returns_hidden_states: bool  # extend_with_hidden / extend_tree(return_hidden=True) work
     supports_trees: bool  # extend_tree works
     needs_target_hidden_states: bool  # a feature draft: drafts from the target's hidden states

@@ -78,6 +78,7 @@ class LlamaEngine:
         description = ctypes.create_string_buffer(256)
         ll.llama_model_desc(self.model, description, len(description))
         self.dtype_name = description.value.decode().split()[-1]  # "llama 135M Q4_1" -> "Q4_1"
+        self.quantization = f"GGUF {self.dtype_name}"
         self._homes: list[ContextHome] = []
 
     def new_session(self) -> LlamaSession:

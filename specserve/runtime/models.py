@@ -170,6 +170,7 @@ class LoadedModel:
     # or a module with its own `forward_batch` (a simulated model).
     supports_batching: bool = False
     engine_name: str = "torch"
+    quantization: str = "none"  # the torch engine holds weights in `dtype` (a GGUF file is dequantized at load)
 
     @property
     def dtype_name(self) -> str:

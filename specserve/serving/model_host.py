@@ -77,6 +77,8 @@ class ModelHost:
             batch_token_budget=self.scheduler.token_budget if self.scheduler.batching else 0,
             mean_batch_tokens=self.scheduler.mean_batch_tokens,
             queued_ops=self.queued,
+            engine=self.loaded.engine_name,
+            quantization=self.loaded.quantization,
         )
 
 
@@ -111,11 +113,12 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
     metrics = ModelServiceMetrics(role) if getattr(args, "metrics_port", 0) else None
     if args.threads:
         torch.set_num_threads(args.threads)
-    engine_name = resolve_engine(args.engine, args.model, args.device)
+    # An explicit --dtype is served as asked (torch) or refused with the flags named (llama.cpp).
+    engine_name = resolve_engine(args.engine, args.model, args.device, args.dtype)
     # dtype auto measures the torch engine's choices; llama.cpp computes in the GGUF's own types.
-    dtype = resolve_dtype(args.dtype, args.model, role, args.device) if engine_name == "torch" else "float32"
+    dtype = resolve_dtype(args.dtype, args.model, role, args.device) if engine_name == "torch" else "auto"
     engine = load_model(args.model, dtype, args.device, engine=engine_name, threads=args.threads)
-    logging.info("%s on the %s engine (%s)", args.model, engine.engine_name, engine.dtype_name)
+    logging.info("%s serves on the %s engine, weights %s", args.model, engine.engine_name, engine.dtype_name)
     # What a forward costs here, measured before serving (a few seconds, once per machine: cached).
     measured = profile_for(engine, role, args.device)
     if measured is not None:

@@ -24,8 +24,8 @@ def add_model_service_arguments(parser: argparse.ArgumentParser, role: str, port
     parser.add_argument("--dtype", default=env_default("SPECSERVE_DTYPE", "auto"), choices=["auto", "float32", "bfloat16"],
                         help="weights' dtype; auto: the one whose measured cost profile serves best here [env SPECSERVE_DTYPE]")
     parser.add_argument("--engine", default=env_default("SPECSERVE_ENGINE", "auto"), choices=["auto", "torch", "llama.cpp"],
-                        help="what runs the model: 'auto' = llama.cpp for a GGUF model on the CPU when installed, "
-                             "else torch [env SPECSERVE_ENGINE]")
+                        help="what runs the model: 'auto' = llama.cpp for a GGUF model on the CPU when installed and "
+                             "--dtype is auto, else torch; llama.cpp with an explicit --dtype is refused [env SPECSERVE_ENGINE]")
     parser.add_argument("--device", default=env_default("SPECSERVE_DEVICE", "cpu"), help="torch device [env SPECSERVE_DEVICE]")
     parser.add_argument("--host", default=env_default("SPECSERVE_HOST", "127.0.0.1"), help="address to listen on [env SPECSERVE_HOST]")
     parser.add_argument("--port", type=int, default=env_default(prefix + "PORT", port), help=f"port [env {prefix}PORT]")
@@ -49,9 +49,10 @@ def add_model_service_arguments(parser: argparse.ArgumentParser, role: str, port
 def run_or_exit(run: Callable[[argparse.Namespace], None], args: argparse.Namespace, prog: str) -> None:
     """Runs a service; a setup problem (say, the default model's package missing) ends it with
     the message that names the fix instead of a traceback."""
+    from specserve.loading import IncompatibleOptions
     from specserve.runtime.models import ModelUnavailable
 
     try:
         run(args)
-    except ModelUnavailable as error:
+    except (ModelUnavailable, IncompatibleOptions) as error:
         sys.exit(f"{prog}: error: {error}")

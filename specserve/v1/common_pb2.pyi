@@ -59,3 +59,15 @@ class MedusaParams(_message.Message):
     posterior_threshold: float
     posterior_alpha: float
     def __init__(self, choices: _Optional[_Iterable[_Union[MedusaPath, _Mapping]]] = ..., typical_acceptance: _Optional[bool] = ..., posterior_threshold: _Optional[float] = ..., posterior_alpha: _Optional[float] = ...) -> None: ...
+
+class ServingModel(_message.Message):
+    __slots__ = ("model", "engine", "dtype", "quantization")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    engine: str
+    dtype: str
+    quantization: str
+    def __init__(self, model: _Optional[str] = ..., engine: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ...) -> None: ...

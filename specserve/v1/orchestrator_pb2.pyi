@@ -89,7 +89,7 @@ class StepTiming(_message.Message):
     def __init__(self, wall_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "target_forward_passes", "proposed_tokens", "accepted_tokens", "wall_time_ms", "mean_accepted_length", "time_to_first_token_ms", "method", "draft_forward_passes", "step_timings", "failovers", "lossy")
+    __slots__ = ("prompt_tokens", "generated_tokens", "target_forward_passes", "proposed_tokens", "accepted_tokens", "wall_time_ms", "mean_accepted_length", "time_to_first_token_ms", "method", "draft_forward_passes", "step_timings", "failovers", "lossy", "target", "draft")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,8 @@ class GenerationStats(_message.Message):
     STEP_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     LOSSY_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     target_forward_passes: int
@@ -116,7 +118,9 @@ class GenerationStats(_message.Message):
     step_timings: _containers.RepeatedCompositeFieldContainer[StepTiming]
     failovers: int
     lossy: bool
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., target_forward_passes: _Optional[int] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., wall_time_ms: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ..., draft_forward_passes: _Optional[int] = ..., step_timings: _Optional[_Iterable[_Union[StepTiming, _Mapping]]] = ..., failovers: _Optional[int] = ..., lossy: _Optional[bool] = ...) -> None: ...
+    target: _common_pb2.ServingModel
+    draft: _common_pb2.ServingModel
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., target_forward_passes: _Optional[int] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., wall_time_ms: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ..., draft_forward_passes: _Optional[int] = ..., step_timings: _Optional[_Iterable[_Union[StepTiming, _Mapping]]] = ..., failovers: _Optional[int] = ..., lossy: _Optional[bool] = ..., target: _Optional[_Union[_common_pb2.ServingModel, _Mapping]] = ..., draft: _Optional[_Union[_common_pb2.ServingModel, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "stats", "accepted_tokens", "accepted_text_length", "proposed_tokens")
