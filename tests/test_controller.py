@@ -117,6 +117,7 @@ def test_the_drafts_cost_and_the_step_overhead_count():
     assert cheap.best(250, 1000)[0].k > 0
     assert costly.best(250, 1000)[0] == PLAIN  # 30 ms per drafted token does not pay at 40% acceptance
     overhead = SpeculationController(FLAT, None, ControllerConfig(draft_overhead_ms=1000.0))
+    assert overhead.plan(200, 1000).probe  # a request's first step looks before deciding
     assert overhead.plan(200, 1000) == PLAIN
 
 
@@ -133,7 +134,8 @@ def test_never_proposes_past_the_budget():
     controller = SpeculationController(FLAT, None)
     drive(controller, accept_rate=1.0, steps=20)
     assert controller.plan(200, remaining=3).k == 2
-    assert controller.plan(200, remaining=1) == PLAIN
+    # The budget's last token is still speculated on (what the step yields past it is cut).
+    assert controller.plan(200, remaining=1).k == 1
 
 
 def test_decisions_depend_only_on_the_record():

@@ -150,6 +150,14 @@ def expected_tokens(rates: list[float]) -> float:
     return total
 
 
+def proposal_cap(remaining: int) -> int:
+    """The longest chain (or deepest tree) a step may propose with `remaining` tokens of budget
+    left: remaining - 1, since a step yields up to k + 1 tokens, but at least 1, so the last
+    token is speculated on too (a sampled request's second token then goes through the
+    rejection sampler; what a step yields past the budget is cut)."""
+    return max(remaining - 1, 1)
+
+
 @dataclass
 class ControllerConfig:
     k_max: int = 16  # longest chain / deepest tree
@@ -183,6 +191,9 @@ class SpeculationController:
         self.chain_record = PositionalAcceptance(self.config.decay)
         self.tree_records = {n: PositionalAcceptance(self.config.decay) for n in self.config.tree_nodes}
         self._plain_run = 0  # plain steps since the last speculative one
+        # A request's first step probes even where the profile and prior favour plain decoding:
+        # a guess is no record, and a sampled request's draft then always meets the sampler.
+        self._first = True
         self._probe_every = self.config.probe_every
         self.load_tokens = 0.0  # other sessions' tokens in the target's forward passes lately
 
@@ -255,7 +266,7 @@ class SpeculationController:
     # ---- decisions ---------------------------------------------------------------------
     def candidates(self, remaining: int) -> list[StepPlan]:
         """Every speculative plan within the budget (a step yields at most k + 1 tokens)."""
-        top = min(self.config.k_max, remaining - 1)
+        top = min(self.config.k_max, proposal_cap(remaining))
         if self.config.tree_nodes:
             return [StepPlan(k, n) for n in self.config.tree_nodes for k in range(1, min(top, n) + 1)]
         return [StepPlan(k) for k in range(1, top + 1)]
@@ -277,16 +288,17 @@ class SpeculationController:
     def plan(self, context: int, remaining: int) -> StepPlan:
         """What to propose next step. context: tokens so far (prompt + output); remaining: token budget."""
         if self.fixed_k:
-            k = min(self.fixed_k, remaining - 1)
+            k = min(self.fixed_k, proposal_cap(remaining))
             nodes = max(self.config.tree_nodes, default=0)
             return StepPlan(k, nodes if nodes >= k else 0) if k > 0 else PLAIN
         choice, speculative = self.best(context, remaining)
+        first, self._first = self._first, False
         if choice.k:
             self._plain_run = 0
             self._probe_every = self.config.probe_every
             return choice
         self._plain_run += 1
-        if speculative is None or self._plain_run < self._probe_every:
+        if speculative is None or (self._plain_run < self._probe_every and not first):
             return PLAIN
         # Plain decoding wins on the record so far; look again, cheaply, every so often.
         self._plain_run = 0

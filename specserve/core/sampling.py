@@ -61,6 +61,21 @@ def make_generator(seed: int) -> torch.Generator:
     return generator
 
 
+def position_seed(seed: int, position: int) -> int:
+    """The seed of the random draws an op makes at sequence `position` (splitmix64 of both).
+
+    Each op of a sampled session draws from a stream keyed by the request's seed and the
+    position it starts at, not from one stream consumed op after op: an op sent again (to a
+    replica that replaced a dead one, whose session was rebuilt from the token record) draws
+    exactly what the first attempt would have, so a seeded request is reproducible across
+    failover as well as across batching."""
+    mask = (1 << 64) - 1
+    x = (seed * 0x9E3779B97F4A7C15 + position + 1) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+
+
 def next_token(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> int:
     """The next token from the logits [V] of one position."""
     if config.greedy:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from specserve.core.acceptance import Verdict
 from specserve.core.adaptive import SpeculationLength
-from specserve.core.controller import SpeculationController
+from specserve.core.controller import SpeculationController, proposal_cap
 from specserve.core.sampling import SamplingConfig
 from specserve.core.tree import DraftTree
 
@@ -160,7 +160,7 @@ async def decode(target: TargetSession, proposer: Proposer | None, request: Deco
             # Never propose past the budget: one verify yields accepted + 1 tokens (k caps
             # a chain's length and a tree's depth).
             plan = request.speculation.plan(len(sequence), remaining)
-            k = min(plan.k, remaining - 1)
+            k = min(plan.k, proposal_cap(remaining))
             if k > 0:
                 # A tree node budget goes only to a proposer that drafts trees.
                 if plan.nodes and getattr(proposer, "drafts_trees", False):

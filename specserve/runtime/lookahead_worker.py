@@ -39,6 +39,7 @@ def lookahead_op(worker: TargetWorker, committed_len: int, pending: int, levels:
     if committed_len != worker.kv.length:
         raise FailedPrecondition(f"committed_len is {committed_len} but the session holds {worker.kv.length} tokens")
     _check_shape(levels, candidates)
+    worker.reseed(committed_len)
     layout = build_layout(committed_len, pending, levels, candidates)
     worker._check_tokens(layout.tokens, "token_ids", 0)
     if max(layout.positions) >= worker.loaded.max_context_tokens:

@@ -121,6 +121,7 @@ class MedusaTargetWorker(TargetWorker):
         if not self.sampling.greedy and not typical:
             raise InvalidArgument("parents: a sampled Medusa session without typical acceptance verifies chains only")
         token_ids = self._check_tree_op(committed_len, pending, tree)
+        self.reseed(committed_len)
         own = tuple(tree.parents) == self.medusa.tree.parents
         mask = self.medusa.tree.mask if own else ancestor_mask(tree)  # [n+1, n+1]
         positions = [committed_len + d for d in [0, *tree.depths()]]

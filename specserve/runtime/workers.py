@@ -15,7 +15,7 @@ import torch
 from specserve.core.acceptance import Verdict, accept_greedy, accept_rejection_sampling
 from specserve.core.distributions import to_sparse
 from specserve.core.errors import FailedPrecondition, InvalidArgument
-from specserve.core.sampling import SamplingConfig, make_generator, next_token, warp
+from specserve.core.sampling import SamplingConfig, make_generator, next_token, position_seed, warp
 from specserve.core.tree import DraftTree, TreeShape, accept_greedy_tree, ancestor_mask
 from specserve.runtime.engine import Engine, Forward, Op, run_alone, tree_fallback_path
 
@@ -28,6 +28,7 @@ class _SessionBase:
         self.kv = loaded.new_session()
         self.sampling = SamplingConfig()
         self.generator: torch.Generator | None = None
+        self.seed = 0
         self.started = False
 
     def _begin(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
@@ -37,8 +38,14 @@ class _SessionBase:
             raise InvalidArgument("prompt_token_ids: must not be empty")
         self._check_tokens(prompt, "prompt_token_ids", 0)
         self.sampling = sampling
+        self.seed = seed
         self.generator = make_generator(seed)
         self.started = True
+
+    def reseed(self, position: int) -> None:
+        """Draws of the op starting at `position` come from their own stream (core.sampling.position_seed)."""
+        if self.generator is not None:
+            self.generator.manual_seed(position_seed(self.seed, position))
 
     def close(self) -> None:
         """Frees the session's cache (the stream ended)."""
@@ -111,6 +118,7 @@ class TargetWorker(_SessionBase):
         if draft_probs is not None and draft_probs.shape[0] != len(proposal):
             raise InvalidArgument(f"draft_probs: {draft_probs.shape[0]} distributions for {len(proposal)} proposed tokens")
         logits = yield from self._extend_op(token_ids, logits_for=len(token_ids))  # [k+1, V]
+        self.reseed(committed_len)
         if self.sampling.greedy:
             verdict = accept_greedy(logits, proposal)
         else:
@@ -198,6 +206,7 @@ class DraftWorker(_SessionBase):
         self.kv.rollback(keep)
         logits = (yield Forward(self.kv, self.held[keep:]))[0][0]  # [V_out]
         self.forward_passes += 1
+        self.reseed(len(self.held))
         proposal: list[int] = []
         rows: list[SparseRow] = []
         for i in range(k):
@@ -245,6 +254,7 @@ class FeatureDraftWorker(_SessionBase):
         """hidden_states [len(token_ids), H]: the target's state before each new token."""
         self._check_started()
         logits, predicted = yield from self._true_pairs_op(committed_len, token_ids, hidden_states, k)
+        self.reseed(committed_len + len(token_ids))
         proposal: list[int] = []
         rows: list[SparseRow] = []
         for i in range(k):
