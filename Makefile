@@ -5,10 +5,13 @@ BIN := $(VENV)/bin
 
 # The llama.cpp engine: llama-cpp-python built from source for this machine's CPU (-march=native)
 # but without AMX: with AMX kernels, batches of more than one token crash on AMX Xeons.
+# Without llamafile's tiled GEMM: it sums a row's products in another order than the one-row
+# kernel, so a token's logits would depend on how many rows share its pass (a verify of k
+# tokens, other sessions' rows) and greedy speculation could part from plain decoding.
 # The wheel is built once per CPU and kept in WHEELS; later installs reuse it.
 LLAMA_CPP_VERSION := 0.3.36
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
-LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)' -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DGGML_LLAMAFILE=OFF -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)' -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF
 CPU_KEY := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null; echo '$(LLAMA_CPP_CMAKE_ARGS)') | md5sum | cut -c1-12)
 WHEELS ?= $(HOME)/.cache/specserve/wheels/$(CPU_KEY)
 
@@ -34,6 +37,8 @@ llama-cpp:
 	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) for this CPU (a few minutes, once) ..."; \
 	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/python -m pip wheel --quiet --no-deps --no-binary llama-cpp-python \
 	    -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION); }
+	# This CPU's and these flags' wheel, even over a build of the same version made with other flags.
+	$(BIN)/python -m pip uninstall --quiet --yes llama-cpp-python
 	$(BIN)/python -m pip install --quiet --find-links $(WHEELS) --only-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_VERSION)
 
 demo: install

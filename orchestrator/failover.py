@@ -5,8 +5,14 @@ Target: the record is the sequence the target's cache holds (prompt, then every
 pending token and accepted proposal). When the replica fails mid-op (its stream
 breaks, or its health polls stop), a session is opened on another replica with
 that sequence as its prompt, and the op is sent again. Greedy output is the
-same token for token; a sampled request stays in distribution (the new replica's
-random stream starts afresh from the request's seed).
+same token for token; a seeded sampled request is too, since every op draws
+from a random stream keyed by the request's seed and the position it starts at
+(`core.sampling.position_seed`), so the op sent again draws what the first
+attempt would have. The rebuilt cache holds the same tokens at the same
+positions; its values were computed in one prefill rather than step by step,
+which in floating point can differ in the last bits (as rows batched with other
+sessions' can): the exactness matrix (`specserve.bench.exactness`) checks that
+the output does not.
 
 Draft: a token draft is restarted on another replica with the request's prompt,
 and its next propose sends everything since; a feature draft gets the target's
