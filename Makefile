@@ -35,7 +35,7 @@ llama-cpp:
 	@mkdir -p $(WHEELS)
 	@ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
 	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) for this CPU (a few minutes, once) ..."; \
-	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/python -m pip wheel --quiet --no-deps --no-binary llama-cpp-python \
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/python -m pip wheel --quiet --no-cache-dir --no-deps --no-binary llama-cpp-python \
 	    -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION); }
 	# This CPU's and these flags' wheel, even over a build of the same version made with other flags.
 	$(BIN)/python -m pip uninstall --quiet --yes llama-cpp-python

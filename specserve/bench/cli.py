@@ -70,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also run LOOKAHEAD and PROMPT_LOOKUP twice over the prompts through a shared Redis pool: the "
                              "second pass in the same orchestrator and in a second one (needs redis-server)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--exactness", action="store_true",
+                        help="run the exactness matrix instead (specserve.bench.exactness): --methods x engines (--engine; "
+                             "auto: torch and llama.cpp) x alone/batched/failover x dtypes (--dtype; auto: float32 and "
+                             "bfloat16), --limit prompts (default 8), --max-new-tokens; written to OUT/exactness.md")
     from specserve.cli import add_tree_flags
 
     add_tree_flags(parser)  # the stack's and the in-process engine's, alike
@@ -77,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from specserve.runtime.models import default_draft_model
+
+    if args.exactness:
+        return _exactness(args)
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -273,6 +280,20 @@ def _resolve_dtype(args) -> tuple[str, str, dict[str, float]]:
 
     chosen, rates = choose_dtype(args.target_model, "target")
     return "auto", chosen, rates
+
+
+def _exactness(args) -> int:
+    from specserve.bench import exactness
+
+    methods = [m for m in _csv(args.methods) if m in exactness.METHODS]
+    matrix = argparse.Namespace(
+        engines="torch,llama.cpp" if args.engine == "auto" else args.engine,
+        dtypes="float32,bfloat16" if args.dtype == "auto" else args.dtype,
+        methods=",".join(["autoregressive"] + [m for m in methods if m != "autoregressive"]),
+        modes=",".join(exactness.MODES), prompts=args.limit or 8, max_new_tokens=args.max_new_tokens,
+        concurrency=16, out=args.out)
+    cells = exactness.run(matrix)
+    return 0 if all(c.exact for c in cells if c.engine == "torch" and c.dtype == "float32") else 1
 
 
 def _torch_dtype(args, model: str, role: str) -> str:
