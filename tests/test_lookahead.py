@@ -230,11 +230,13 @@ def test_sampled_lookahead_step_follows_the_target_distribution(tiny_target):
     worker = TargetWorker(tiny_target)
     worker.start(prompt, sampling, seed=0)
     trials = 1200
-    for _ in range(trials):
+    for trial in range(trials):
+        # The same step again, as another request's (an op's draws are keyed by seed and position).
+        worker.seed = trial
         result = lookahead_step(worker, len(prompt), pending, [[11, 12, 13]], candidates)
         counts[result.verdict.tokens[0]] += 1
         assert worker.kv.length == len(prompt) + 1 + result.verdict.accepted
-        worker.kv.rollback(len(prompt))  # the same step again; the random stream goes on
+        worker.kv.rollback(len(prompt))
     assert total_variation(counts, expected) < 0.06  # noise at 1.2k trials over 5 outcomes: ~0.025
 
 

@@ -36,15 +36,18 @@ class LookaheadTarget(Protocol):
 
 
 class WindowUnderLoad:
-    """Whether a greedy step sends its Jacobi window when the target batches other sessions.
+    """Whether a greedy step sends its Jacobi window, from the target's measured costs.
 
-    The window's rows buy n-grams for later steps, not tokens now; in a shared forward pass
-    (continuous batching) they cost every session what they add to the pass. Alone the
-    window always goes; under load it goes while what its rows add to the pass is at most
+    The window's rows buy n-grams for later steps, not tokens now. On hardware where extra
+    rows are nearly free (bf16 matrix units, GPUs) they pay; where a forward's cost grows
+    with its rows (llama.cpp's CPU kernels, fp32 without matrix units) they do not: the
+    window goes only while its rows add at most WINDOW_COST_SHARE to what the step costs
+    without them. In a shared forward pass (continuous batching) they cost every session
+    what they add to the pass: under load the window goes while that is at most
     (1 + WINDOW_COST_SHARE) times what they add to the step alone (`table`: the target's
-    measured verify_chain costs): on a cost curve that is flat at first and then turns
-    steep, a big batch makes them dearer and the step sends one window token instead (the
-    window stands still until the load falls); on a curve of one slope nothing changes.
+    measured verify_chain costs), so a big batch on a curve that turns steep makes them
+    dearer. Otherwise the step sends one window token (the window stands still, and the
+    step verifies its candidates as prompt lookup would).
     """
 
     def __init__(self, table: CostTable):
@@ -55,10 +58,12 @@ class WindowUnderLoad:
         self.load_tokens = LOAD_DECAY * self.load_tokens + (1 - LOAD_DECAY) * max(other_tokens, 0)
 
     def send_window(self, window_rows: int, other_rows: int, context: int) -> bool:
-        if self.load_tokens < 1.0:
-            return True
         ms = self.table.ms
         alone = ms(other_rows + window_rows, context) - ms(other_rows, context)
+        if alone > WINDOW_COST_SHARE * ms(other_rows, context):
+            return False
+        if self.load_tokens < 1.0:
+            return True
         loaded = ms(self.load_tokens + other_rows + window_rows, context) - ms(self.load_tokens + other_rows, context)
         return loaded <= (1 + WINDOW_COST_SHARE) * alone
 

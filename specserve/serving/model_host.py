@@ -118,7 +118,8 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
     # dtype auto measures the torch engine's choices; llama.cpp computes in the GGUF's own types.
     dtype = resolve_dtype(args.dtype, args.model, role, args.device) if engine_name == "torch" else "auto"
     engine = load_model(args.model, dtype, args.device, engine=engine_name, threads=args.threads)
-    logging.info("%s serves on the %s engine, weights %s", args.model, engine.engine_name, engine.dtype_name)
+    logging.info("%s serves on the %s engine: weights %s, quantization %s", args.model, engine.engine_name,
+                 engine.dtype_name, engine.quantization)
     # What a forward costs here, measured before serving (a few seconds, once per machine: cached).
     measured = profile_for(engine, role, args.device)
     if measured is not None:
