@@ -28,8 +28,8 @@ TREE_PARENTS = [-1, 0, 0, 1, 1, 2, -1]
 def engines():
     from specserve.runtime.llama_engine import LlamaEngine
 
-    shared = load_model("smollm2", engine="llama.cpp", threads=2)
-    alone = LlamaEngine("smollm2", shared.path, threads=2, batch_slots=1)
+    alone = load_model("smollm2", engine="llama.cpp", threads=2)  # the default: a private context per session
+    shared = LlamaEngine("smollm2", alone.path, threads=2, batch_slots=16)
     yield shared, alone
     shared.close()
     alone.close()

@@ -43,7 +43,7 @@ class ContextHome:
         ll = llama_library()
         params = ll.llama_context_default_params()
         # Every session may fill the window; the margin absorbs a batch's worth of scattered free cells.
-        params.n_ctx = slots * engine.max_context_tokens + (engine.batch_tokens if slots > 1 else 0)
+        params.n_ctx = slots * engine.max_context_tokens + engine.batch_tokens
         params.n_batch = params.n_ubatch = engine.batch_tokens
         params.n_seq_max = slots + tree_ids
         params.n_outputs_max = max(engine.batch_tokens, params.n_seq_max)  # llama.cpp reserves n_seq_max outputs

@@ -28,8 +28,13 @@ from specserve.runtime.llama_batch import HIDDEN_CHUNK, LLAMA_MAX_SEQ, ContextHo
 
 # The most root-to-leaf paths one tree may have (each borrows a sequence id while in the cache).
 MAX_TREE_LEAVES = 64
-# Sessions per shared context by default: rows of up to this many sessions share a llama_decode.
-BATCH_SLOTS = 16
+# Sessions per context by default: 1, a private context each. Rows of sessions sharing a context
+# go through one llama_decode, but their cells interleave in the shared cell store, and flash
+# attention sums a row's attention in cell order: a session whose tokens land in cells another
+# session freed sums in another order than alone, and its greedy output can part from plain
+# decoding (measured: 9 of 16 streams identical at 16 clients). Alone, a session's cells stay in
+# position order (see LlamaSession's spent tree cells), and its output is plain decoding's.
+BATCH_SLOTS = 1
 
 
 def _log_errors_only(level: int, text: bytes, user_data) -> None:
@@ -134,7 +139,8 @@ class LlamaEngine:
         if open_homes:
             home = max(open_homes, key=lambda h: h.in_use)
         else:
-            tree_ids = MAX_TREE_LEAVES if self.batch_slots == 1 else LLAMA_MAX_SEQ - self.batch_slots
+            # Tree paths, and one spent-cells id per session (LlamaSession).
+            tree_ids = MAX_TREE_LEAVES + 1 if self.batch_slots == 1 else LLAMA_MAX_SEQ - self.batch_slots
             home = ContextHome(self, self.batch_slots, tree_ids)
             self._homes.append(home)
         return home, home.take_slot()
@@ -158,6 +164,13 @@ class LlamaSession:
         self.home, self.seq = engine._place()
         self.length = 0
         self._tree: tuple[int, list[list[int]], list[int]] | None = None  # (start, ids of each node, borrowed ids)
+        # Spent tree cells (nodes off the accepted path) stay held by this sequence id, seen by no
+        # row: freed, they would be the lowest free cells and take the next tokens, out of position
+        # order below the session's newer cells, and flash attention, which sums in cell order,
+        # would then sum in another order than plain decoding. Freed only when the window needs
+        # the room (then the order may change) and when the session closes.
+        self.spent = self.home.borrow_tree_ids(1)[0]
+        self.spent_cells = 0
 
     def extend(self, token_ids: list[int], logits_for: int = 1) -> torch.Tensor:
         logits, _ = self._alone(token_ids, None, None, logits_for, False)
@@ -180,7 +193,7 @@ class LlamaSession:
             end = start + len(offsets)
             ll.llama_memory_seq_rm(self.home.memory, path_seq, end, -1)
             ll.llama_memory_seq_cp(self.home.memory, path_seq, self.seq, start, end)
-            self._drop_tree()
+            self._drop_tree(kept=len(offsets))
             self.length = end
             return
         if offsets != list(range(len(offsets))):
@@ -198,6 +211,7 @@ class LlamaSession:
     def close(self) -> None:
         if self.home is not None:
             self._drop_tree()
+            self.home.return_tree_ids([self.spent])
             self.home.free_slot(self.seq)
             self.home = None
 
@@ -207,10 +221,16 @@ class LlamaSession:
         except Exception:  # interpreter shutdown: the library may be gone
             pass
 
-    def _drop_tree(self) -> None:
-        """Removes the tree's sequence ids everywhere: cells only they held are freed."""
+    def _drop_tree(self, kept: int = 0) -> None:
+        """Removes the tree's sequence ids everywhere; its cells not `kept` on the session's own
+        sequence go to the spent id (see __init__)."""
         if self._tree is not None:
-            self.home.return_tree_ids(self._tree[2])
+            start, sequences, ids = self._tree
+            ll = llama_library()
+            for s in ids:
+                ll.llama_memory_seq_cp(self.home.memory, s, self.spent, start, -1)
+            self.spent_cells += len(sequences) - kept
+            self.home.return_tree_ids(ids)
             self._tree = None
 
     def _alone(self, token_ids, positions, visible, logits_for, hidden):
@@ -229,6 +249,9 @@ class LlamaSession:
             raise ValueError("extend: no tokens")
         if self.length + n > self.engine.max_context_tokens:
             raise ValueError(f"{self.length + n} tokens exceed the context window of {self.engine.max_context_tokens}")
+        if self.length + self.spent_cells + n > self.engine.max_context_tokens:
+            llama_library().llama_memory_seq_rm(self.home.memory, self.spent, -1, -1)  # the window needs the room
+            self.spent_cells = 0
         if visible is None:
             return list(range(self.length, self.length + n)), None
         if visible.shape != (n, n):
