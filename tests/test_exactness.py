@@ -44,6 +44,18 @@ def test_fp32_every_method_alone_batched_and_across_failover_equals_transformers
     assert sum(c.failovers for c in cells if c.mode == "failover") >= 1
 
 
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed (make install builds it)")
+def test_llama_cpp_every_method_alone_batched_and_across_failover_equals_its_plain_decoding(prompts, tmp_path):
+    """The default engine computes in Q4_1, so its reference is its own plain decoding: a session's
+    logits must not depend on its pass's other rows, its tree's spent cells or its replica."""
+    cells = run_stack("llama.cpp", "auto", list(METHODS), ["alone", "batched", "failover"], prompts[:2], 32,
+                      concurrency=8, references=None, log_dir=tmp_path / "logs")
+    for cell in cells:
+        assert cell.equal_plain == cell.total, cell
+        assert cell.served == "llama.cpp Q4_1 (GGUF Q4_1)"
+    assert sum(c.failovers for c in cells if c.mode == "failover") >= 1
+
+
 def test_an_explicit_dtype_with_llama_cpp_is_refused_with_the_flags_named():
     port = free_port()
     done = subprocess.run([sys.executable, "-m", "target_service", "--model", "smollm2", "--engine", "llama.cpp",
