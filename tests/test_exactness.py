@@ -15,6 +15,7 @@ from specserve.bench.prompts import DEFAULT_PROMPT_DIR, load_prompts
 from specserve.client import build_request, connect, generate
 from specserve.launcher import Stack, StackConfig, free_port
 from specserve.loading import llama_cpp_available
+from specserve.runtime.models import default_draft_model
 from specserve.v1 import model_service_pb2, target_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -74,7 +75,9 @@ def _info(address: str) -> model_service_pb2.ModelInfo:
 def test_the_default_stack_serves_every_method_and_says_what_computed_it(tmp_path):
     """dtype auto, engine auto: the packaged GGUF on llama.cpp, Medusa heads included; an explicit
     float32 on the same flags serves torch float32."""
-    with Stack(StackConfig(port=0, redis="off", threads=1, log_dir=tmp_path / "auto")) as stack:
+    # What `specserve up` starts with no flags: the shipped draft beside the default model.
+    with Stack(StackConfig(draft_model=default_draft_model(), port=0, redis="off", threads=1,
+                           log_dir=tmp_path / "auto")) as stack:
         info = _info(stack.target_addresses[0])
         assert (info.engine, info.dtype, info.quantization) == ("llama.cpp", "Q4_1", "GGUF Q4_1")
         assert info.medusa_num_heads > 0
