@@ -194,7 +194,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def _ahead_planner(self, job: requests.Job) -> AheadPlanner:
         up = self.upstreams
         return AheadPlanner(job.async_draft, job.k, self.limits.max_speculative_tokens, costs_of(up.target_info),
-                            costs_of(up.draft_info), up.target_round_trip_ms, up.draft_round_trip_ms)
+                            costs_of(up.draft_info), up.target_round_trip_ms, up.draft_round_trip_ms, fixed=job.fixed_length)
 
     def _outcome_budget(self) -> int:
         """Outcomes drafted ahead per step: the server's limit when the draft batches them into shared

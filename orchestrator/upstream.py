@@ -156,6 +156,7 @@ class RemoteDraftProposer:
 
     async def speculate(self, sequence: list[int], proposal: Proposal, outcomes: list[OutcomeRequest], k: int) -> Speculation:
         """Drafts ahead while `proposal` (following `sequence`) is verified: k tokens per outcome."""
+        base = len(sequence)  # the record before the proposal; the caller's list may grow meanwhile
         drafted = sequence + proposal.tokens
         committed, append = self.tracker.diff(drafted)
         speculate = draft_pb2.DraftSpeculate(
@@ -167,8 +168,8 @@ class RemoteDraftProposer:
         drafted_outcomes = [Outcome(o.accepted, o.token_id, o.context_len, Proposal(list(o.token_ids))) for o in response.outcomes]
         # The draft's sequence is now its first outcome's (see DraftSpeculate).
         first = drafted_outcomes[0] if drafted_outcomes else None
-        held = drafted if first is None else drafted[:len(sequence) + first.accepted] + [first.token, *first.proposal.tokens]
-        self.tracker.record_ahead(sequence, held)
+        held = drafted if first is None else drafted[:base + first.accepted] + [first.token, *first.proposal.tokens]
+        self.tracker.record_ahead(drafted[:base], held)
         return Speculation(drafted_outcomes, response.compute_ms)
 
     async def _propose(self, propose: draft_pb2.DraftPropose) -> Proposal:

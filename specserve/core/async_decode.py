@@ -92,7 +92,8 @@ async def decode_ahead(target: TargetSession, proposer: AheadProposer, request: 
             k_ahead = min(plan.k_ahead, remaining - n - 2)  # after all n accepted and a bonus, a proposal of k_ahead still fits
             if plan.pipelined and k_ahead >= 1:
                 outcomes = choose_outcomes(n, planner.acceptance, max_outcomes)
-                speculating = asyncio.ensure_future(proposer.speculate(sequence, proposal, outcomes, k_ahead))
+                # A copy: the record grows with the verdict while the draft drafts ahead.
+                speculating = asyncio.ensure_future(proposer.speculate(list(sequence), proposal, outcomes, k_ahead))
             if streaming is not None:
                 yield streaming
                 streaming = None

@@ -63,7 +63,9 @@ def expected_tokens(a: float, proposal_len: int) -> float:
 
 class AheadPlanner:
     def __init__(self, mode: str, k_default: int, k_max: int, target: CostProfile | None = None,
-                 draft: CostProfile | None = None, target_round_trip_ms: float = 0.0, draft_round_trip_ms: float = 0.0):
+                 draft: CostProfile | None = None, target_round_trip_ms: float = 0.0, draft_round_trip_ms: float = 0.0,
+                 fixed: bool = False):
+        """k_default: proposals before costs are known; fixed: always k_default (a request's fixed_length)."""
         if mode not in ("on", "auto"):
             raise ValueError(f"mode must be on or auto, got {mode!r}")
         self.mode = mode
@@ -73,6 +75,7 @@ class AheadPlanner:
         self.draft = draft if draft is not None and draft.draft_step is not None else None
         self.rtt_target = target_round_trip_ms
         self.rtt_draft = draft_round_trip_ms
+        self.fixed = fixed
         self.verify_ms = {False: _Mean(), True: _Mean()}  # per verify op: alone / with drafting ahead running
         self.draft_pass_ms = {False: _Mean(), True: _Mean()}  # per draft forward pass: fresh / ahead
         self._examined = 0.0
@@ -120,22 +123,26 @@ class AheadPlanner:
         d_fresh, d_ahead = self._draft_pass(context, False), self._draft_pass(context, True)
         if d_fresh is None or self._verify(1, context, False) is None:  # nothing measured or profiled yet
             return AheadPlan(self.mode == "on", self.k_default, self.k_default)
-        top = min(self.k_max, PLAN_K_MAX)
+        top = max(min(self.k_max, PLAN_K_MAX), self.k_default if self.fixed else 0)
         alone = [self._verify(n, context, False) + self.rtt_target for n in range(top + 1)]  # [L] verify ms
         beside = [self._verify(n, context, True) + self.rtt_target for n in range(top + 1)]
         tokens = [expected_tokens(a, n) for n in range(top + 1)]  # [L]
         hit = [a ** (n + 1) for n in range(top + 1)]  # [L] a verdict on L proposals matches the first outcome
         sync = max(tokens[k] / (alone[k] + k * d_fresh + (self.rtt_draft if k else 0.0)) for k in range(top + 1))
-        best = (0.0, self.k_default, self.k_default)
-        for k_ahead in range(1, top + 1):
-            spec = (k_ahead + 1) * d_ahead + self.rtt_draft
-            hit_ms = max(beside[k_ahead], spec)
-            for k_fresh in range(k_ahead + 1):
-                hit_share = hit[k_fresh] / (1.0 - hit[k_ahead] + hit[k_fresh])
-                fresh_ms = max(beside[k_fresh], spec) + (k_fresh * d_fresh + self.rtt_draft if k_fresh else 0.0)
-                rate = ((hit_share * tokens[k_ahead] + (1 - hit_share) * tokens[k_fresh])
-                        / (hit_share * hit_ms + (1 - hit_share) * fresh_ms))
-                if rate > best[0]:
-                    best = (rate, k_ahead, k_fresh)
-        rate, k_ahead, k_fresh = best
+        if self.fixed:
+            plans = [(self.k_default, self.k_default)]
+        else:
+            plans = [(k_ahead, k_fresh) for k_ahead in range(1, top + 1) for k_fresh in range(k_ahead + 1)]
+        rate, k_ahead, k_fresh = max((self._pipelined_rate(*plan, tokens, hit, beside, d_ahead, d_fresh), *plan)
+                                     for plan in plans)
         return AheadPlan(self.mode == "on" or rate > AUTO_MARGIN * sync, k_ahead, k_fresh, rate, sync)
+
+    def _pipelined_rate(self, k_ahead: int, k_fresh: int, tokens: list[float], hit: list[float], beside: list[float],
+                        d_ahead: float, d_fresh: float) -> float:
+        """Expected tokens per ms of drafting k_ahead ahead and k_fresh after a miss (the module doc)."""
+        spec = (k_ahead + 1) * d_ahead + self.rtt_draft
+        hit_share = hit[k_fresh] / (1.0 - hit[k_ahead] + hit[k_fresh])
+        hit_ms = max(beside[k_ahead], spec)
+        fresh_ms = max(beside[k_fresh], spec) + (k_fresh * d_fresh + self.rtt_draft if k_fresh else 0.0)
+        return ((hit_share * tokens[k_ahead] + (1 - hit_share) * tokens[k_fresh])
+                / (hit_share * hit_ms + (1 - hit_share) * fresh_ms))
