@@ -73,6 +73,10 @@ class DraftServicer(SessionServicer, draft_pb2_grpc.DraftServiceServicer):
         k = speculate.num_tokens
         branches = await self.host.run_op(speculate_op(worker, speculate.committed_len, list(speculate.token_ids),
                                                        speculate.proposal_len, outcomes, k), worker)
-        await asyncio.gather(*(self.host.run_op(branch_op(worker, branch, k), worker) for branch in branches))
+        drafted = await asyncio.gather(*(self.host.run_op(branch_op(worker, branch, k), worker) for branch in branches),
+                                       return_exceptions=True)
+        failed = next((error for error in drafted if isinstance(error, BaseException)), None)
+        if failed is not None:
+            raise failed
         return [draft_pb2.DraftOutcome(accepted=b.accepted, token_id=b.token, context_len=b.context_len, token_ids=b.proposal)
                 for b in branches]

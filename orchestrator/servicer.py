@@ -193,8 +193,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     def _ahead_planner(self, job: requests.Job) -> AheadPlanner:
         up = self.upstreams
-        return AheadPlanner(job.async_draft, job.k, self.limits.max_speculative_tokens, costs_of(up.target_info),
-                            costs_of(up.draft_info), up.target_round_trip_ms, up.draft_round_trip_ms, fixed=job.fixed_length)
+        target, draft = up.target_info, up.draft_info
+        # Both on the CPU of one model: taken to share its cores (asynchronous drafting's auto stays off).
+        shared = (target.device == draft.device == "cpu" and target.cost_profile.cpu == draft.cost_profile.cpu != "")
+        return AheadPlanner(job.async_draft, job.k, self.limits.max_speculative_tokens, costs_of(target), costs_of(draft),
+                            up.target_round_trip_ms, up.draft_round_trip_ms, fixed=job.fixed_length, shared_cores=shared)
 
     def _outcome_budget(self) -> int:
         """Outcomes drafted ahead per step: the server's limit when the draft batches them into shared
@@ -227,5 +230,5 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
 def _ahead_fields(ahead: AheadStats) -> dict:
     """GenerationStats fields of drafting ahead."""
-    return dict(outcomes_drafted=ahead.outcomes_drafted, outcome_hits=ahead.outcome_hits, stale_outcomes=ahead.stale_outcomes,
+    return dict(pipelined_steps=ahead.pipelined_steps, outcomes_drafted=ahead.outcomes_drafted, outcome_hits=ahead.outcome_hits, stale_outcomes=ahead.stale_outcomes,
                 draft_compute_ms=ahead.draft_compute_ms, draft_exposed_ms=ahead.draft_exposed_ms)

@@ -119,8 +119,8 @@ def describe(stats: pb.GenerationStats) -> str:
         f"{stats.target_forward_passes} target forward passes, "
         f"mean accepted length {stats.mean_accepted_length:.2f}, "
         f"accepted {stats.accepted_tokens}/{stats.proposed_tokens} proposed"
-        + (f"; drafted ahead: {stats.outcome_hits} of {stats.target_forward_passes - 1} "
-           f"steps from a drafted outcome, {_hidden(stats):.0%} of drafting hidden" if stats.async_draft else "")
+        + (f"; drafted ahead in {stats.pipelined_steps} steps, {stats.outcome_hits} verdicts matched a drafted outcome, "
+           f"{_hidden(stats):.0%} of drafting hidden" if stats.async_draft else "")
         + (f"; drafted synchronously: {stats.synchronous_reason}" if stats.synchronous_reason else "")
     )
 

@@ -147,7 +147,7 @@ def test_each_branch_proposes_what_a_fresh_draft_would(drafts):
 def test_outcomes_chosen_likeliest_first():
     assert choose_outcomes(3, 0.9, 1) == [OutcomeRequest(3, 1)]  # all accepted, the bonus guessed
     # Low acceptance: stopping at the first proposal is likelier than reaching the end.
-    assert choose_outcomes(4, 0.4, 3)[0] == OutcomeRequest(0, 1)
+    assert choose_outcomes(4, 0.4, 3)[0].accepted == 0
     chosen = choose_outcomes(2, 0.8, 3)
     assert sum(o.guesses for o in chosen) == 3 and chosen[0] == OutcomeRequest(2, 1)
     # Unlikely outcomes are not drafted, however large the budget.
@@ -175,6 +175,10 @@ def test_auto_drafts_synchronously_where_drafting_ahead_does_not_pay():
     # A draft that costs nothing has nothing to hide; verifying long chains is then the better deal.
     cheap = AheadPlanner("auto", 4, 16, flat_costs(20.0, "target"), flat_costs(0.01, "draft"))
     assert not cheap.plan(100).pipelined
+    # Target and draft on one CPU compete for its cores: auto does not overlap them, on does.
+    shared = dict(target=flat_costs(20.0, "target"), draft=flat_costs(6.0, "draft"), shared_cores=True)
+    assert not AheadPlanner("auto", 4, 16, **shared).plan(100).pipelined
+    assert AheadPlanner("on", 4, 16, **shared).plan(100).pipelined
     # Costs not known yet (no profile, nothing measured): auto starts synchronously, on does not.
     assert not AheadPlanner("auto", 4, 16).plan(10).pipelined
     assert AheadPlanner("on", 4, 16).plan(10).pipelined
@@ -367,6 +371,17 @@ def test_requests_beyond_the_session_limits_wait_and_stay_exact(sim_stack):
     assert wait_idle(sim_stack) == [0, 0, 0]
 
 
+def test_outcomes_drafted_ahead_match_the_verdicts_through_the_stack(sim_stack):
+    """Fixed K = 2 against a draft right 80% of the time: a step's verdict matches the outcome drafted
+    ahead when both proposals are accepted and the bonus token guessed, 0.8^3 = 0.51 of the steps."""
+    channel, stub = connect(sim_stack.address)
+    with channel:
+        stats = generate(stub, build_request(prompt="Count with me", max_new_tokens=160, num_speculative_tokens=2,
+                                             fixed_length=True), timeout_s=120).stats
+    assert stats.async_draft and stats.stale_outcomes == 0
+    assert stats.outcome_hits >= 0.35 * (stats.target_forward_passes - 2)
+
+
 def test_a_draft_replica_killed_with_ops_in_flight_costs_nothing(sim_stack):
     fault_free = streams(sim_stack.address, 2)
     results = streams(sim_stack.address, 2, kill=lambda: sim_stack.process("draft-0").send_signal(signal.SIGKILL))
@@ -374,3 +389,22 @@ def test_a_draft_replica_killed_with_ops_in_flight_costs_nothing(sim_stack):
     assert sum(r.stats.failovers for r in results) >= 1  # placement put one stream on each replica
     assert all(r.stats.async_draft for r in results)
     assert wait_idle(sim_stack) == [0, 0, 0]
+
+
+@pytest.mark.slow
+def test_smollm2_with_its_token_draft_drafting_ahead_equals_autoregressive(tmp_path_factory):
+    """The real default model (fp32, torch) with the shipped token draft, through every service."""
+    from specserve.runtime.models import SHIPPED_DRAFT
+
+    config = StackConfig(target_model="smollm2", draft_model=str(SHIPPED_DRAFT), dtype="float32", engine="torch", port=0,
+                         redis="off", default_method="draft_model", threads=1, async_draft="on",
+                         log_dir=tmp_path_factory.mktemp("smollm2-ahead-logs"))
+    messages = [{"role": "user", "content": "Write a haiku about the sea."}]
+    with Stack(config) as stack:
+        channel, stub = connect(stack.address)
+        with channel:
+            for prompt in (dict(messages=messages), dict(prompt="def fibonacci(n):")):
+                plain = run(stub, method="autoregressive", max_new_tokens=32, **prompt)
+                ahead = run(stub, method="draft_model", max_new_tokens=32, async_draft="on", **prompt)
+                assert ahead.token_ids == plain.token_ids
+                assert ahead.stats.async_draft and ahead.stats.outcomes_drafted > 0

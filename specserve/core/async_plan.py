@@ -16,12 +16,13 @@ pass d, round trips r_t and r_d:
   more, with L = k_fresh; the share of hit steps is h(k_fresh) / (1 - h(k_ahead) + h(k_fresh)).
 
 The planner picks (k_ahead, k_fresh) with the most expected tokens per ms and compares
-it with the best synchronous step, E(k) / (T(k) + k d + r_t + r_d). Costs come from
-the services' cost profiles when they report them, else from the compute times this
-request has measured; verify and draft times measured while the other service was
-busy too are kept apart (on shared cores each slows the other). `auto` drafts ahead
-only while that is expected to be at least 5% faster; `on` always. Greedy requests
-only, so planning on clocks never changes an output.
+it with the best synchronous step, E(k) / (T(k) + k d + r_t + r_d). Costs come from the
+services' cost profiles when both report one (so plans depend on the profiles and the
+acceptance record only, as the cost-aware controller's do), else from the compute times
+this request has measured, verify and draft times measured while the other service was
+busy too kept apart (on shared hardware each slows the other). `auto` drafts ahead only
+while that is expected to be at least 5% faster, and never when the two services share
+a CPU's cores (both on "cpu": overlapping them buys little there); `on` always.
 """
 
 from __future__ import annotations
@@ -64,15 +65,17 @@ def expected_tokens(a: float, proposal_len: int) -> float:
 class AheadPlanner:
     def __init__(self, mode: str, k_default: int, k_max: int, target: CostProfile | None = None,
                  draft: CostProfile | None = None, target_round_trip_ms: float = 0.0, draft_round_trip_ms: float = 0.0,
-                 fixed: bool = False):
-        """k_default: proposals before costs are known; fixed: always k_default (a request's fixed_length)."""
+                 fixed: bool = False, shared_cores: bool = False):
+        """k_default: proposals before costs are known; fixed: always k_default (a request's fixed_length);
+        shared_cores: target and draft compute on the same CPU (auto then never drafts ahead)."""
         if mode not in ("on", "auto"):
             raise ValueError(f"mode must be on or auto, got {mode!r}")
         self.mode = mode
         self.k_default = max(k_default, 1)
         self.k_max = max(k_max, 1)
-        self.target = target if target is not None and target.verify_chain is not None else None
-        self.draft = draft if draft is not None and draft.draft_step is not None else None
+        profiled = target is not None and target.verify_chain is not None and draft is not None and draft.draft_step is not None
+        self.target, self.draft = (target, draft) if profiled else (None, None)
+        self.shared_cores = shared_cores
         self.rtt_target = target_round_trip_ms
         self.rtt_draft = draft_round_trip_ms
         self.fixed = fixed
@@ -100,25 +103,20 @@ class AheadPlanner:
 
     # ---- costs -------------------------------------------------------------------------
     def _verify(self, proposal_len: int, context: int, overlapped: bool) -> float | None:
-        measured = self.verify_ms[overlapped].value or self.verify_ms[not overlapped].value
-        if self.target is None:
-            return measured
-        profiled = self.target.verify_chain.ms(proposal_len + 1, context)
-        alone = self.verify_ms[False].value
-        # A measurement while drafting ran beside it scales the profile by the slowdown seen.
-        if overlapped and measured is not None and alone:
-            return profiled * measured / alone
-        return profiled
+        if self.target is not None:
+            return self.target.verify_chain.ms(proposal_len + 1, context)
+        return self.verify_ms[overlapped].value or self.verify_ms[not overlapped].value
 
     def _draft_pass(self, context: int, ahead: bool) -> float | None:
-        measured = self.draft_pass_ms[ahead].value or self.draft_pass_ms[not ahead].value
-        if measured is not None or self.draft is None:
-            return measured
-        return self.draft.draft_step.ms(1, context)
+        if self.draft is not None:
+            return self.draft.draft_step.ms(1, context)
+        return self.draft_pass_ms[ahead].value or self.draft_pass_ms[not ahead].value
 
     # ---- the plan ----------------------------------------------------------------------
     def plan(self, context: int) -> AheadPlan:
         """What to do next step; context: tokens so far."""
+        if self.mode == "auto" and self.shared_cores:
+            return AheadPlan(False, self.k_default, self.k_default)
         a = self.acceptance
         d_fresh, d_ahead = self._draft_pass(context, False), self._draft_pass(context, True)
         if d_fresh is None or self._verify(1, context, False) is None:  # nothing measured or profiled yet

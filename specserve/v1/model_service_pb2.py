@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n specserve/v1/model_service.proto\x12\x0cspecserve.v1\"\x10\n\x0eGetInfoRequest\"\xd9\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x07 \x01(\r\x12\"\n\x1aneeds_target_hidden_states\x18\x08 \x01(\x08\x12\x18\n\x10medusa_num_heads\x18\t \x01(\r\x12/\n\x0c\x63ost_profile\x18\n \x01(\x0b\x32\x19.specserve.v1.CostProfile\x12\x1a\n\x12\x62\x61tch_token_budget\x18\x0b \x01(\r\x12\x19\n\x11mean_batch_tokens\x18\x0c \x01(\x01\x12\x12\n\nqueued_ops\x18\r \x01(\r\"\xd9\x02\n\x0b\x43ostProfile\x12/\n\x0cverify_chain\x18\x01 \x03(\x0b\x32\x19.specserve.v1.ForwardCost\x12.\n\x0bverify_tree\x18\x02 \x03(\x0b\x32\x19.specserve.v1.ForwardCost\x12-\n\ndraft_step\x18\x03 \x03(\x0b\x32\x19.specserve.v1.ForwardCost\x12\x33\n\x10\x64raft_tree_level\x18\x04 \x03(\x0b\x32\x19.specserve.v1.ForwardCost\x12\x0b\n\x03\x63pu\x18\x05 \x01(\t\x12\x11\n\tcpu_flags\x18\x06 \x03(\t\x12\x0f\n\x07threads\x18\x07 \x01(\r\x12\x13\n\x0bmemory_gb_s\x18\x08 \x01(\x01\x12\x16\n\x0ematmul_gflop_s\x18\t \x01(\x01\x12\x13\n\x0bmeasured_ms\x18\n \x01(\x01\x12\x12\n\nfrom_cache\x18\x0b \x01(\x08\"h\n\x0b\x46orwardCost\x12\x16\n\x0e\x63ontext_tokens\x18\x01 \x01(\r\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\n\n\x02ms\x18\x03 \x01(\x01\x12\x12\n\nbytes_read\x18\x04 \x01(\x01\x12\r\n\x05\x66lops\x18\x05 \x01(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n specserve/v1/model_service.proto\x12\x0cspecserve.v1\"\x10\n\x0eGetInfoRequest\"\xe9\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x03 \x01(\r\x12\x15\n\reos_token_ids\x18\x04 \x03(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x07 \x01(\r\x12\"\n\x1aneeds_target_hidden_states\x18\x08 \x01(\x08\x12\x18\n\x10medusa_num_heads\x18\t \x01(\r\x12/\n\x0c\x63ost_profile\x18\n \x01(\x0b\x32\x19.specserve.v1.CostProfile\x12\x1a\n\x12\x62\x61tch_token_budget\x18\x0b \x01(\r\x12\x19\n\x11mean_batch_tokens\x18\x0c \x01(\x01\x12\x12\n\nqueued_ops\x18\r \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x0e \x01(\t\"\xd9\x02\n\x0b\x43ostProfile\x12/\n\x0cverify_chain\x18\x01 \x03(\x0b\x32\x19.specserve.v1.ForwardCost\x12.\n\x0bverify_tree\x18\x02 \x03(\x0b\x32\x19.specserve.v1.ForwardCost\x12-\n\ndraft_step\x18\x03 \x03(\x0b\x32\x19.specserve.v1.ForwardCost\x12\x33\n\x10\x64raft_tree_level\x18\x04 \x03(\x0b\x32\x19.specserve.v1.ForwardCost\x12\x0b\n\x03\x63pu\x18\x05 \x01(\t\x12\x11\n\tcpu_flags\x18\x06 \x03(\t\x12\x0f\n\x07threads\x18\x07 \x01(\r\x12\x13\n\x0bmemory_gb_s\x18\x08 \x01(\x01\x12\x16\n\x0ematmul_gflop_s\x18\t \x01(\x01\x12\x13\n\x0bmeasured_ms\x18\n \x01(\x01\x12\x12\n\nfrom_cache\x18\x0b \x01(\x08\"h\n\x0b\x46orwardCost\x12\x16\n\x0e\x63ontext_tokens\x18\x01 \x01(\r\x12\x12\n\nnew_tokens\x18\x02 \x01(\r\x12\n\n\x02ms\x18\x03 \x01(\x01\x12\x12\n\nbytes_read\x18\x04 \x01(\x01\x12\r\n\x05\x66lops\x18\x05 \x01(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,9 +34,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_start=50
   _globals['_GETINFOREQUEST']._serialized_end=66
   _globals['_MODELINFO']._serialized_start=69
-  _globals['_MODELINFO']._serialized_end=414
-  _globals['_COSTPROFILE']._serialized_start=417
-  _globals['_COSTPROFILE']._serialized_end=762
-  _globals['_FORWARDCOST']._serialized_start=764
-  _globals['_FORWARDCOST']._serialized_end=868
+  _globals['_MODELINFO']._serialized_end=430
+  _globals['_COSTPROFILE']._serialized_start=433
+  _globals['_COSTPROFILE']._serialized_end=778
+  _globals['_FORWARDCOST']._serialized_start=780
+  _globals['_FORWARDCOST']._serialized_end=884
 # @@protoc_insertion_point(module_scope)

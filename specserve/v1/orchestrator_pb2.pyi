@@ -102,7 +102,7 @@ class StepTiming(_message.Message):
     def __init__(self, wall_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., proposed: _Optional[int] = ..., accepted: _Optional[int] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "target_forward_passes", "proposed_tokens", "accepted_tokens", "wall_time_ms", "mean_accepted_length", "time_to_first_token_ms", "method", "draft_forward_passes", "step_timings", "failovers", "lossy", "async_draft", "synchronous_reason", "outcomes_drafted", "outcome_hits", "stale_outcomes", "draft_compute_ms", "draft_exposed_ms")
+    __slots__ = ("prompt_tokens", "generated_tokens", "target_forward_passes", "proposed_tokens", "accepted_tokens", "wall_time_ms", "mean_accepted_length", "time_to_first_token_ms", "method", "draft_forward_passes", "step_timings", "failovers", "lossy", "async_draft", "synchronous_reason", "outcomes_drafted", "outcome_hits", "stale_outcomes", "draft_compute_ms", "draft_exposed_ms", "pipelined_steps")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TARGET_FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class GenerationStats(_message.Message):
     STALE_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     DRAFT_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_EXPOSED_MS_FIELD_NUMBER: _ClassVar[int]
+    PIPELINED_STEPS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     target_forward_passes: int
@@ -143,7 +144,8 @@ class GenerationStats(_message.Message):
     stale_outcomes: int
     draft_compute_ms: float
     draft_exposed_ms: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., target_forward_passes: _Optional[int] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., wall_time_ms: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ..., draft_forward_passes: _Optional[int] = ..., step_timings: _Optional[_Iterable[_Union[StepTiming, _Mapping]]] = ..., failovers: _Optional[int] = ..., lossy: _Optional[bool] = ..., async_draft: _Optional[bool] = ..., synchronous_reason: _Optional[str] = ..., outcomes_drafted: _Optional[int] = ..., outcome_hits: _Optional[int] = ..., stale_outcomes: _Optional[int] = ..., draft_compute_ms: _Optional[float] = ..., draft_exposed_ms: _Optional[float] = ...) -> None: ...
+    pipelined_steps: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., target_forward_passes: _Optional[int] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., wall_time_ms: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., method: _Optional[_Union[Method, str]] = ..., draft_forward_passes: _Optional[int] = ..., step_timings: _Optional[_Iterable[_Union[StepTiming, _Mapping]]] = ..., failovers: _Optional[int] = ..., lossy: _Optional[bool] = ..., async_draft: _Optional[bool] = ..., synchronous_reason: _Optional[str] = ..., outcomes_drafted: _Optional[int] = ..., outcome_hits: _Optional[int] = ..., stale_outcomes: _Optional[int] = ..., draft_compute_ms: _Optional[float] = ..., draft_exposed_ms: _Optional[float] = ..., pipelined_steps: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "stats", "accepted_tokens", "accepted_text_length", "proposed_tokens")
