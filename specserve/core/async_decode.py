@@ -94,6 +94,7 @@ async def decode_ahead(target: TargetSession, proposer: AheadProposer, request: 
                 outcomes = choose_outcomes(n, planner.acceptance, max_outcomes)
                 # A copy: the record grows with the verdict while the draft drafts ahead.
                 speculating = asyncio.ensure_future(proposer.speculate(list(sequence), proposal, outcomes, k_ahead))
+            await _let_start()  # the ops go out before this step's other work
             if streaming is not None:
                 yield streaming
                 streaming = None
@@ -145,6 +146,13 @@ async def decode_ahead(target: TargetSession, proposer: AheadProposer, request: 
         for task in (verifying, speculating):
             if task is not None:
                 _drop(task)
+
+
+async def _let_start(turns: int = 4) -> None:
+    """Lets ops just made into tasks run to their first wait (their message written): each layer of
+    tasks under an op (failover, its timeout) starts one turn of the event loop after the one above."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
 
 
 def _truncate(proposal: Proposal, limit: int) -> Proposal:
