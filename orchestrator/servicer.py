@@ -230,5 +230,6 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
 def _ahead_fields(ahead: AheadStats) -> dict:
     """GenerationStats fields of drafting ahead."""
-    return dict(pipelined_steps=ahead.pipelined_steps, outcomes_drafted=ahead.outcomes_drafted, outcome_hits=ahead.outcome_hits, stale_outcomes=ahead.stale_outcomes,
+    return dict(pipelined_steps=ahead.pipelined_steps, outcomes_drafted=ahead.outcomes_drafted,
+                outcome_hits=ahead.outcome_hits, stale_outcomes=ahead.stale_outcomes,
                 draft_compute_ms=ahead.draft_compute_ms, draft_exposed_ms=ahead.draft_exposed_ms)

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from specserve.core.errors import InvalidArgument
 from specserve.runtime.engine import EngineSession, Forward, Op
 from specserve.runtime.workers import DraftWorker, ranked_tokens
@@ -43,7 +45,7 @@ class Branch:
     token: int  # the guessed bonus / recovered token
     shared: int  # leading tokens of held equal to the session's own sequence after the op
     proposal: list[int] = field(default_factory=list)
-    alternatives: dict[int, list[int]] = field(default_factory=dict)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> logits [V_out] its proposal came from
 
     @property
     def context_len(self) -> int:
@@ -77,12 +79,13 @@ def speculate_op(worker: DraftWorker, committed_len: int, token_ids: list[int], 
     held = worker.held
     logits = (yield Forward(worker.kv, held[keep:]))[0][0]  # [V_out] after the whole sequence: the bonus position
     worker.forward_passes += 1
-    worker.alternatives[len(held)] = ranked_tokens(logits, worker.kv.vocab_ids)
+    worker.scores[len(held)] = logits
     base = len(held) - proposal_len  # the verified proposal starts here
     starts: list[tuple[int, int, int]] = []  # (accepted, position of the guess, guess)
     for accepted, guesses in outcomes:
         position = base + accepted
-        ranked = worker.alternatives.get(position, [])
+        scores = worker.scores.get(position)
+        ranked = [] if scores is None else ranked_tokens(scores, worker.kv.vocab_ids)
         if accepted < proposal_len:  # a stop: the recovered token is not the proposal rejected there
             ranked = [t for t in ranked if t != held[position]]
         starts += [(accepted, position, token) for token in ranked[:guesses]]
@@ -100,17 +103,17 @@ def speculate_op(worker: DraftWorker, committed_len: int, token_ids: list[int], 
         branches.append(Branch(kv, held[:position] + [token], accepted, token, shared=min(position, first_position)))
     worker.kv.rollback(first_position)
     worker.held = list(branches[0].held)
-    worker.alternatives = {}
+    worker.scores = {}
     worker.branches = branches[1:]
     return branches
 
 
 def branch_op(worker: DraftWorker, branch: Branch, k: int) -> Op[None]:
     """Drafts k tokens after the branch's guessed token (step 2 of the module doc)."""
-    proposal, _, alternatives = yield from worker.draft_chain_op(branch.kv, [branch.token], len(branch.held), k)
+    proposal, _, scores = yield from worker.draft_chain_op(branch.kv, [branch.token], len(branch.held), k)
     branch.proposal = proposal
     branch.held = branch.held + proposal
-    branch.alternatives = alternatives
+    branch.scores = scores
     if branch.kv is worker.kv:  # the session's own sequence
         worker.held = list(branch.held)
-        worker.alternatives = alternatives
+        worker.scores = scores

@@ -9,6 +9,7 @@ Target and token-draft workers see a model only through the engine interface
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from specserve.core.errors import FailedPrecondition, InvalidArgument
 from specserve.core.sampling import SamplingConfig, make_generator, next_token, warp
 from specserve.core.tree import DraftTree, TreeShape, accept_greedy_tree, ancestor_mask
 from specserve.runtime.engine import Engine, EngineSession, Forward, Op, run_alone, tree_fallback_path
+
+if TYPE_CHECKING:
+    from specserve.runtime.ahead import Branch
 
 SparseRow = tuple[list[int], list[float]]
 
@@ -160,18 +164,19 @@ class DraftWorker(_SessionBase):
 
     `held` is the draft's sequence: everything it was sent plus its last proposals.
     The cache holds all of it but the last proposal (never fed back). Greedy sessions
-    also keep, per position of the last chain drafted, the draft's likeliest tokens
-    there (`alternatives`), and may hold `branches`: outcomes of a verdict drafted
-    ahead beside the session's own sequence (`runtime/ahead.py`); the next op resumes
-    from whichever cache shares most with its sequence.
+    also keep the logits each position of the last chain drafted was chosen from
+    (`scores`, for guesses of the target's tokens there), and may hold `branches`:
+    outcomes of a verdict drafted ahead beside the session's own sequence
+    (`runtime/ahead.py`); the next op resumes from whichever cache shares most with
+    its sequence.
     """
 
     def __init__(self, loaded: Engine):
         super().__init__(loaded)
         self.held: list[int] = []
         self.forward_passes = 0
-        self.alternatives: dict[int, list[int]] = {}  # position in held -> the draft's likeliest tokens there
-        self.branches: list = []  # ahead.Branch: outcomes drafted ahead, beside `held`
+        self.scores: dict[int, torch.Tensor] = {}  # position in held -> logits [V_out] it was drafted from
+        self.branches: list[Branch] = []  # outcomes drafted ahead, beside `held`
 
     def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
         return run_alone(self.start_op(prompt, sampling, seed))
@@ -193,7 +198,7 @@ class DraftWorker(_SessionBase):
         if k < 1:
             raise InvalidArgument("num_tokens: must be at least 1")
         keep = self.resume(committed_len, token_ids, room=k)
-        proposal, rows, self.alternatives = yield from self.draft_chain_op(self.kv, self.held[keep:], len(self.held), k)
+        proposal, rows, self.scores = yield from self.draft_chain_op(self.kv, self.held[keep:], len(self.held), k)
         self.held.extend(proposal)
         return proposal, (None if self.sampling.greedy else rows)
 
@@ -221,35 +226,35 @@ class DraftWorker(_SessionBase):
         self.branches = []
         if chosen is not None:  # a verdict matched an outcome drafted ahead: continue from its cache
             self.kv.close()
-            self.kv, self.alternatives = chosen.kv, chosen.alternatives
-        # A ranking at position p was drawn from the p tokens before it: still right while they are.
-        self.alternatives = {p: ranked for p, ranked in self.alternatives.items() if p <= common}
+            self.kv, self.scores = chosen.kv, chosen.scores
+        # Logits at position p came from the p tokens before it: still right while they are.
+        self.scores = {p: logits for p, logits in self.scores.items() if p <= common}
         self.held = sequence
         keep = min(usable, len(sequence) - 1)
         self.kv.rollback(keep)
         return keep
 
     def draft_chain_op(self, kv: EngineSession, feed: list[int], position: int, k: int
-                       ) -> Op[tuple[list[int], list[SparseRow], dict[int, list[int]]]]:
+                       ) -> Op[tuple[list[int], list[SparseRow], dict[int, torch.Tensor]]]:
         """Feeds `feed` to `kv`, then draws k tokens, the first at `position` of the sequence:
-        (proposal, the sparse rows they were drawn from when sampling, the likeliest tokens per
-        position when greedy)."""
+        (proposal, the sparse rows they were drawn from when sampling, the logits [V_out] each
+        position was chosen from when greedy)."""
         logits = (yield Forward(kv, feed))[0][0]  # [V_out]
         self.forward_passes += 1
         proposal: list[int] = []
         rows: list[SparseRow] = []
-        alternatives: dict[int, list[int]] = {}
+        scores: dict[int, torch.Tensor] = {}
         for i in range(k):
             token, row = _choose(logits, kv.vocab_ids, self.sampling, self.generator)
             proposal.append(token)
             if row is not None:
                 rows.append(row)
             else:
-                alternatives[position + i] = ranked_tokens(logits, kv.vocab_ids)
+                scores[position + i] = logits
             if i < k - 1:
                 logits = (yield Forward(kv, [token]))[0][0]  # [V_out]
                 self.forward_passes += 1
-        return proposal, rows, alternatives
+        return proposal, rows, scores
 
     def close(self) -> None:
         for branch in self.branches:
