@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from specserve.core.errors import FailedPrecondition, InvalidArgument
 from specserve.core.tree import TreeShape
+from specserve.runtime.ahead import branch_op, speculate_op
 from specserve.runtime.workers import DraftWorker, FeatureDraftWorker
 from specserve.serving import hidden_states
 from specserve.serving.model_host import SessionServicer, sampling_from_proto
@@ -54,8 +56,27 @@ class DraftServicer(SessionServicer, draft_pb2_grpc.DraftServiceServicer):
             response.token_ids.extend(tokens)
             for ids, probs in rows or []:
                 response.probs.append(common_pb2.SparseDistribution(token_ids=ids, probs=probs))
+        elif op == "speculate":
+            if isinstance(worker, FeatureDraftWorker):
+                raise FailedPrecondition("speculate: a feature draft drafts from the target's hidden states of verified "
+                                         "tokens, so it cannot draft ahead of a verdict; draft synchronously")
+            response.outcomes.extend(await self._speculate(worker, request.speculate))
         else:
-            raise InvalidArgument("op: expected start or propose")
+            raise InvalidArgument("op: expected start, propose or speculate")
         response.forward_passes = worker.forward_passes - passes_before
         response.compute_ms = (time.perf_counter() - began) * 1e3
         return response
+
+    async def _speculate(self, worker: DraftWorker, speculate: draft_pb2.DraftSpeculate) -> list[draft_pb2.DraftOutcome]:
+        """The outcomes' next proposals: their branches' ops run at once, so their rows share forward passes."""
+        outcomes = [(o.accepted, o.guesses) for o in speculate.outcomes]
+        k = speculate.num_tokens
+        branches = await self.host.run_op(speculate_op(worker, speculate.committed_len, list(speculate.token_ids),
+                                                       speculate.proposal_len, outcomes, k), worker)
+        drafted = await asyncio.gather(*(self.host.run_op(branch_op(worker, branch, k), worker) for branch in branches),
+                                       return_exceptions=True)
+        failed = next((error for error in drafted if isinstance(error, BaseException)), None)
+        if failed is not None:
+            raise failed
+        return [draft_pb2.DraftOutcome(accepted=b.accepted, token_id=b.token, context_len=b.context_len, token_ids=b.proposal)
+                for b in branches]

@@ -35,6 +35,7 @@ from orchestrator.replicas import AdmissionQueue, ReplicaFailed, ReplicasFull, R
 from orchestrator.upstream import RemoteDraftProposer, RemoteTargetSession
 from specserve.core.acceptance import Verdict
 from specserve.core.errors import ResourceExhausted, Unavailable
+from specserve.core.outcomes import OutcomeRequest, Speculation
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import Proposal
 from specserve.serving import hidden_states
@@ -249,23 +250,39 @@ class FailoverDraftProposer:
         return bool(getattr(self.inner, "drafts_trees", False))
 
     async def propose(self, sequence: list[int], k: int, nodes: int | None = None) -> Proposal:
-        if self.inner is None:
-            loop = asyncio.get_running_loop()
-            if loop.time() < self._next_try or not await self._open():
-                return Proposal([])
-            self.failovers += 1
+        if self.inner is None and not await self._reopen():
+            return Proposal([])
+        proposing = self.inner.propose(sequence, k) if nodes is None else self.inner.propose(sequence, k, nodes=nodes)
+        return await self._op(proposing, Proposal([]))
+
+    async def speculate(self, sequence: list[int], proposal: Proposal, outcomes: list[OutcomeRequest], k: int) -> Speculation:
+        """Drafting ahead (RemoteDraftProposer.speculate); with no draft replica, or when the replica
+        fails meanwhile, no outcomes (the next proposal is then drafted afresh, by another replica)."""
+        if self.inner is None and not await self._reopen():
+            return Speculation([], 0.0)
+        return await self._op(self.inner.speculate(sequence, proposal, outcomes, k), Speculation([], 0.0))
+
+    async def _reopen(self) -> bool:
+        """A session on some replica again, at most every retry_every_s."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_try or not await self._open():
+            return False
+        self.failovers += 1
+        return True
+
+    async def _op(self, op, without):
+        """op on the replica's session; `without` when the replica fails (the session is dropped)."""
         try:
-            proposing = self.inner.propose(sequence, k) if nodes is None else self.inner.propose(sequence, k, nodes=nodes)
-            proposal = await race_failure(asyncio.wait_for(proposing, self.policy.op_timeout_s), self.replica)
+            result = await race_failure(asyncio.wait_for(op, self.policy.op_timeout_s), self.replica)
         except (UpstreamError, ReplicaFailed, asyncio.TimeoutError) as error:
             if not (isinstance(error, asyncio.TimeoutError) or _movable(error)):
                 raise
             log.warning("draft replica %s lost mid-request (%s); plain steps until another takes over", self.replica.address, error)
             self.replicas.mark_failed(self.replica, str(error))
             self._drop()
-            return Proposal([])
+            return without
         self.last_compute_ms = self.inner.last_compute_ms
-        return proposal
+        return result
 
     async def _open(self) -> bool:
         """A session on some healthy draft replica, caught up with the request; False if none."""

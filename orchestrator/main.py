@@ -62,6 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=["cost", "adaptive"],
                         help="cost: choose K / tree size per step from the services' measured cost profiles and the "
                              "acceptance seen; adaptive: the cost-blind adaptive K [env SPECSERVE_SPECULATION_CONTROL]")
+    parser.add_argument("--async-draft", default=env_default("SPECSERVE_ASYNC_DRAFT", "auto"), choices=list(requests.ASYNC_DRAFT_MODES),
+                        help="DRAFT_MODEL with a token draft, greedy: the draft drafts the next step for the likeliest "
+                             "verdicts while the target verifies this one; auto: in the steps where the measured costs and "
+                             "acceptance expect it to be faster; a request's speculation.async_draft overrides it "
+                             "[env SPECSERVE_ASYNC_DRAFT]")
+    parser.add_argument("--async-outcomes", type=int, default=env_default("SPECSERVE_ASYNC_OUTCOMES", 3),
+                        help="asynchronous drafting: the most verdicts drafted ahead per step, in [1, 8] (1 where the "
+                             "draft does not batch) [env SPECSERVE_ASYNC_OUTCOMES]")
     parser.add_argument("--max-queued", type=int, default=env_default("SPECSERVE_MAX_QUEUED", 256),
                         help="requests that may wait for a target session while every replica is full; more get "
                              "RESOURCE_EXHAUSTED [env SPECSERVE_MAX_QUEUED]")
@@ -87,9 +95,12 @@ def run(args: argparse.Namespace) -> None:
             tree_branch=args.tree_branch,
             speculation_control=args.speculation_control,
             lookahead=parse_shape(args.lookahead),
+            async_draft=args.async_draft,
+            async_outcomes=args.async_outcomes,
         )
     except ValueError as error:
-        raise SystemExit(f"orchestrator: {error} (--tree-nodes, --tree-width, --tree-branch, --lookahead)") from None
+        raise SystemExit(f"orchestrator: {error} (--tree-nodes, --tree-width, --tree-branch, --lookahead, "
+                         "--async-outcomes)") from None
     tokenizer = load_tokenizer(args.tokenizer)
     asyncio.run(_serve(args, tokenizer, limits))
 

@@ -15,6 +15,8 @@ from specserve.v1 import common_pb2, orchestrator_pb2 as pb
 METHOD_NAMES = {value: name for name, value in pb.Method.items()}
 SPECULATIVE_METHODS = (pb.DRAFT_MODEL, pb.PROMPT_LOOKUP, pb.MEDUSA, pb.LOOKAHEAD)
 ROLES = ("system", "user", "assistant")
+ASYNC_DRAFT_MODES = ("off", "on", "auto")
+_ASYNC_DRAFT = {pb.ASYNC_DRAFT_OFF: "off", pb.ASYNC_DRAFT_ON: "on", pb.ASYNC_DRAFT_AUTO: "auto"}
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 
@@ -39,8 +41,16 @@ class Limits:
     speculation_control: str = "cost"
     # LOOKAHEAD's window, n-gram length and guesses when the request gives none.
     lookahead: LookaheadShape = field(default_factory=LookaheadShape)
+    # Asynchronous drafting when the request does not say (off, on, auto; see core/async_decode.py),
+    # and the most outcomes of a verdict drafted ahead per step.
+    async_draft: str = "auto"
+    async_outcomes: int = 3
 
     def __post_init__(self) -> None:
+        if self.async_draft not in ASYNC_DRAFT_MODES:
+            raise ValueError(f"async_draft must be one of {', '.join(ASYNC_DRAFT_MODES)}, got {self.async_draft!r}")
+        if not 1 <= self.async_outcomes <= 8:
+            raise ValueError(f"async_outcomes must be in [1, 8], got {self.async_outcomes}")
         for name, low in (("tree_nodes", 0), ("tree_width", 1), ("tree_branch", 1)):
             value = getattr(self, name)
             if not low <= value <= MAX_TREE_NODES:
@@ -63,6 +73,8 @@ class Job:
     medusa: object = None  # MEDUSA: the resolved MedusaParams for the target (choices filled in)
     lossy: bool = False  # a lossy acceptance rule runs (MEDUSA's typical acceptance, sampled)
     lookahead: LookaheadShape | None = None  # LOOKAHEAD's shape; None for other methods
+    async_draft: str = "off"  # off, on or auto (the request's, else the server's)
+    async_draft_asked: bool = False  # the request itself set async_draft
 
 
 def tokenize(request: pb.GenerateRequest, tokenizer) -> list[int]:
@@ -102,7 +114,11 @@ def parse(request: pb.GenerateRequest, tokenizer, limits: Limits, max_context_to
     seed = request.sampling.seed if request.sampling.HasField("seed") else None
     lossy = medusa is not None and medusa.typical_acceptance and not sampling.greedy
     lookahead = _lookahead(request.speculation, limits) if method == pb.LOOKAHEAD else None
-    return Job(prompt_ids, sampling, seed, method, k, fixed, tree_nodes, medusa, lossy, lookahead)
+    asked = request.speculation.async_draft
+    if asked and asked not in _ASYNC_DRAFT:
+        raise InvalidArgument(f"speculation.async_draft: unknown value {asked}")
+    async_draft = _ASYNC_DRAFT.get(asked, limits.async_draft)
+    return Job(prompt_ids, sampling, seed, method, k, fixed, tree_nodes, medusa, lossy, lookahead, async_draft, bool(asked))
 
 
 def _lookahead(params, limits: Limits) -> LookaheadShape:

@@ -15,6 +15,8 @@ from orchestrator.costs import costs_of
 from orchestrator.failover import FailoverDraftProposer, FailoverTargetSession, SessionPolicy
 from orchestrator.replicas import AdmissionQueue, ReplicaSet
 from orchestrator.upstream import RemoteDraftProposer, RemoteFeatureDraftProposer
+from specserve.core.async_decode import AheadStats, decode_ahead
+from specserve.core.async_plan import AheadPlanner
 from specserve.core.controller import speculation_policy
 from specserve.core.errors import Unavailable
 from specserve.core.lookahead_decode import decode_lookahead
@@ -102,9 +104,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             pool = self.pool if job.sampling.greedy or job.seed is None else None
             if pool is not None and hasattr(pool, "prefetch"):
                 pool.prefetch([tuple(job.prompt_ids[-LOOKUP_KEY:]), (job.prompt_ids[-1],)])
+            synchronous_reason = self._synchronous_reason(job, proposer)
+            ahead = None  # drafting ahead (asynchronous drafting): its stats
             if job.method == pb.LOOKAHEAD:
                 costs = costs_of(self.upstreams.target_info) if self.limits.speculation_control == "cost" else None
                 steps = decode_lookahead(target, decoding, job.lookahead, pool, costs.verify_chain if costs else None)
+            elif job.async_draft != "off" and not synchronous_reason and job.method == pb.DRAFT_MODEL:
+                ahead = AheadStats()
+                steps = decode_ahead(target, proposer, decoding, self._ahead_planner(job), ahead, self._outcome_budget())
             else:
                 steps = decode(target, proposer, decoding)
             accepted_so_far = proposed_so_far = 0
@@ -149,6 +156,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                             target=serving_model(target.replica),
                             draft=serving_model(getattr(proposer, "replica", None)),
                             failovers=target.failovers + getattr(proposer, "failovers", 0),
+                            async_draft=ahead is not None and ahead.pipelined_steps > 0,
+                            synchronous_reason=synchronous_reason,
+                            **(_ahead_fields(ahead) if ahead is not None else {}),
                             step_timings=[
                                 pb.StepTiming(wall_ms=s.wall_ms, compute_ms=s.compute_ms, proposed=s.proposed, accepted=s.accepted)
                                 for s in stats.steps or []
@@ -157,6 +167,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                     )
                     break
             finally:
+                await steps.aclose()  # ops still in flight end with their sessions, unused
                 target.close()
                 # A remote draft holds a session (a wrapper forwards close to it); prompt lookup holds none.
                 close_draft = getattr(proposer, "close", None)
@@ -174,6 +185,35 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             costs_of(up.draft_info) if remote_draft else None, k=job.k, k_max=self.limits.max_speculative_tokens,
             fixed=job.fixed_length, tree_nodes=job.tree_nodes if trees else 0, tree_width=self.limits.tree_width,
             step_overhead_ms=up.target_round_trip_ms, draft_overhead_ms=up.draft_round_trip_ms if remote_draft else 0.0)
+
+    def _synchronous_reason(self, job: requests.Job, proposer) -> str:
+        """Why a request that asked for asynchronous drafting drafts synchronously ('' when it does not,
+        or did not ask: the server's default reaches DRAFT_MODEL requests only)."""
+        if job.async_draft == "off" or (job.method != pb.DRAFT_MODEL and not job.async_draft_asked):
+            return ""
+        if job.method != pb.DRAFT_MODEL:
+            return "asynchronous drafting applies to DRAFT_MODEL only"
+        if not job.sampling.greedy:
+            return ("sampled requests draft synchronously: drafting ahead keeps the output exact for greedy "
+                    "requests only")
+        if getattr(proposer, "needs_target_hidden_states", False) or not hasattr(proposer, "speculate"):
+            return ("the draft service hosts a feature draft, which drafts from the target's hidden states of "
+                    "verified tokens and so cannot draft ahead of a verdict")
+        return ""
+
+    def _ahead_planner(self, job: requests.Job) -> AheadPlanner:
+        up = self.upstreams
+        target, draft = up.target_info, up.draft_info
+        # Both on the CPU of one model: taken to share its cores (asynchronous drafting's auto stays off).
+        shared = (target.device == draft.device == "cpu" and target.cost_profile.cpu == draft.cost_profile.cpu != "")
+        return AheadPlanner(job.async_draft, job.k, self.limits.max_speculative_tokens, costs_of(target), costs_of(draft),
+                            up.target_round_trip_ms, up.draft_round_trip_ms, fixed=job.fixed_length, shared_cores=shared)
+
+    def _outcome_budget(self) -> int:
+        """Outcomes drafted ahead per step: the server's limit when the draft batches them into shared
+        forward passes (a pass then costs about one row's time on a GPU-like engine), else one."""
+        info = self.upstreams.draft_info
+        return self.limits.async_outcomes if info is not None and info.batch_token_budget > 0 else 1
 
     def _proposer(self, job: requests.Job, policy: SessionPolicy):
         if job.method == pb.MEDUSA:
@@ -196,3 +236,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             use_pool = self.pool is not None and (job.sampling.greedy or job.seed is None)  # see Generate
             return PromptLookupProposer(fallback=lookup_fallback(self.pool) if use_pool else None)
         return None
+
+
+def _ahead_fields(ahead: AheadStats) -> dict:
+    """GenerationStats fields of drafting ahead."""
+    return dict(pipelined_steps=ahead.pipelined_steps, outcomes_drafted=ahead.outcomes_drafted,
+                outcome_hits=ahead.outcome_hits, stale_outcomes=ahead.stale_outcomes,
+                draft_compute_ms=ahead.draft_compute_ms, draft_exposed_ms=ahead.draft_exposed_ms)

@@ -11,6 +11,7 @@ import asyncio
 import grpc
 
 from specserve.core.acceptance import Verdict
+from specserve.core.outcomes import Outcome, OutcomeRequest, Speculation
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DraftSequenceTracker, Proposal
 from specserve.core.tree import TreeShape
@@ -30,12 +31,22 @@ class _Stream:
         self.name = name
         self.call = call
         self.next_op = 0
+        self.in_flight = False  # one op at a time: responses are matched to ops by order
 
     def op_id(self) -> int:
         self.next_op += 1
         return self.next_op
 
     async def request(self, message):
+        if self.in_flight:
+            raise RuntimeError(f"{self.name} session: an op is already in flight")
+        self.in_flight = True
+        try:
+            return await self._request(message)
+        finally:
+            self.in_flight = False
+
+    async def _request(self, message):
         try:
             await self.call.write(message)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as error:
@@ -142,6 +153,24 @@ class RemoteDraftProposer:
         proposal = await self._propose(draft_pb2.DraftPropose(committed_len=committed, token_ids=append, num_tokens=k))
         self.tracker.record(sequence, proposal.tokens)
         return proposal
+
+    async def speculate(self, sequence: list[int], proposal: Proposal, outcomes: list[OutcomeRequest], k: int) -> Speculation:
+        """Drafts ahead while `proposal` (following `sequence`) is verified: k tokens per outcome."""
+        base = len(sequence)  # the record before the proposal; the caller's list may grow meanwhile
+        drafted = sequence + proposal.tokens
+        committed, append = self.tracker.diff(drafted)
+        speculate = draft_pb2.DraftSpeculate(
+            committed_len=committed, token_ids=append, proposal_len=len(proposal.tokens), num_tokens=k,
+            outcomes=[draft_pb2.OutcomeGuesses(accepted=o.accepted, guesses=o.guesses) for o in outcomes])
+        response = await self.stream.request(draft_pb2.DraftRequest(op_id=self.stream.op_id(), speculate=speculate))
+        self.forward_passes += response.forward_passes
+        self.last_compute_ms = response.compute_ms
+        drafted_outcomes = [Outcome(o.accepted, o.token_id, o.context_len, Proposal(list(o.token_ids))) for o in response.outcomes]
+        # The draft's sequence is now its first outcome's (see DraftSpeculate).
+        first = drafted_outcomes[0] if drafted_outcomes else None
+        held = drafted if first is None else drafted[:base + first.accepted] + [first.token, *first.proposal.tokens]
+        self.tracker.record_ahead(drafted[:base], held)
+        return Speculation(drafted_outcomes, response.compute_ms)
 
     async def _propose(self, propose: draft_pb2.DraftPropose) -> Proposal:
         response = await self.stream.request(draft_pb2.DraftRequest(op_id=self.stream.op_id(), propose=propose))

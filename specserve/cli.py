@@ -41,7 +41,7 @@ def _request(args: argparse.Namespace, prompt: str, method: str | None):
         prompt=prompt if args.raw else None, messages=messages, method=method, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
         num_speculative_tokens=args.num_speculative_tokens, tree_nodes=getattr(args, "request_tree_nodes", None),
-        **_lookahead_fields(getattr(args, "request_lookahead", None)),
+        **_lookahead_fields(getattr(args, "request_lookahead", None)), async_draft=getattr(args, "request_async_draft", None),
     )
 
 
@@ -89,6 +89,9 @@ def _stack_flags(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--http-port", type=int, default=None,
                         help="also start the OpenAI-compatible gateway (and its page) on this port")
     parser.add_argument("--metrics", action="store_true", help="every gRPC service serves Prometheus metrics on a free port")
+    parser.add_argument("--async-draft", choices=["off", "on", "auto"], default="auto",
+                        help="DRAFT_MODEL with a token draft, greedy: draft the next step while the target verifies this "
+                             "one; auto: where the measured costs expect it to be faster")
     add_tree_flags(parser)
 
 
@@ -109,7 +112,8 @@ def _stack_config(args: argparse.Namespace):
                        port=args.port, redis=args.redis, default_method=args.default_method, threads=args.threads,
                        engine=args.engine, log_dir=args.log_dir, tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch,
                        target_replicas=args.target_replicas, draft_replicas=args.draft_replicas,
-                       auth_token_file=args.auth_token_file, http_port=args.http_port, metrics=args.metrics)
+                       auth_token_file=args.auth_token_file, http_port=args.http_port, metrics=args.metrics,
+                       async_draft=args.async_draft)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -195,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nodes of a feature draft's trees (greedy only), 0 = chains; default: the server's")
     p.add_argument("--lookahead", dest="request_lookahead", default=None,
                    help="LOOKAHEAD's window,ngram,guesses (W,N,G); default: the server's")
+    p.add_argument("--async-draft", dest="request_async_draft", choices=["off", "on", "auto"], default=None,
+                   help="DRAFT_MODEL: draft the next step while the target verifies this one; default: the server's")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="start the stack, stream one generation with its stats and speedup, stop")

@@ -34,6 +34,7 @@ def build_request(
     lookahead_window: int | None = None,
     lookahead_ngram: int | None = None,
     lookahead_guesses: int | None = None,
+    async_draft: str | None = None,
 ) -> pb.GenerateRequest:
     sampling = common_pb2.SamplingParams(temperature=temperature, top_k=top_k, stop=stop or [])
     if max_new_tokens is not None:
@@ -59,6 +60,8 @@ def build_request(
                         ("lookahead_guesses", lookahead_guesses)):
         if value is not None:
             setattr(speculation, name, value)
+    if async_draft is not None:  # off, on, auto; None: the server's default
+        speculation.async_draft = pb.AsyncDraft.Value(f"ASYNC_DRAFT_{async_draft.upper()}")
     return pb.GenerateRequest(
         prompt=prompt or "",
         messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages or []],
@@ -117,6 +120,9 @@ def describe(stats: pb.GenerationStats) -> str:
         f"mean accepted length {stats.mean_accepted_length:.2f}, "
         f"accepted {stats.accepted_tokens}/{stats.proposed_tokens} proposed"
         + (f"; target on {served(stats.target)}" if stats.HasField("target") else "")
+        + (f"; drafted ahead in {stats.pipelined_steps} steps, {stats.outcome_hits} verdicts matched a drafted outcome, "
+           f"{_hidden(stats):.0%} of drafting hidden" if stats.async_draft else "")
+        + (f"; drafted synchronously: {stats.synchronous_reason}" if stats.synchronous_reason else "")
     )
 
 
@@ -124,3 +130,8 @@ def served(model) -> str:
     """'torch float32' or 'llama.cpp Q4_1 (GGUF Q4_1)': what computed a response (a ServingModel)."""
     quantized = f" ({model.quantization})" if model.quantization not in ("", "none") else ""
     return f"{model.engine} {model.dtype}{quantized}"
+
+
+def _hidden(stats: pb.GenerationStats) -> float:
+    """The share of the draft's compute that ran while the target verified."""
+    return 1.0 - stats.draft_exposed_ms / stats.draft_compute_ms if stats.draft_compute_ms else 0.0

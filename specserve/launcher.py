@@ -125,6 +125,7 @@ class StackConfig:
     target_replicas: int = 1
     draft_replicas: int = 1
     auth_token_file: Path | None = None  # the orchestrator requires a token listed there
+    async_draft: str = "auto"  # the orchestrator's --async-draft: off, on, auto
 
     def __post_init__(self) -> None:
         if self.target_replicas < 1 or self.draft_replicas < 1:
@@ -219,7 +220,7 @@ class Stack:
             # No Redis: the pool stays in the orchestrator's process, unless it is turned off.
             "--redis-url", self.redis_url or ("off" if c.redis == "off" else ""),
             "--default-method", c.default_method, "--tree-nodes", str(c.tree_nodes), "--tree-width", str(c.tree_width),
-            "--tree-branch", str(c.tree_branch),
+            "--tree-branch", str(c.tree_branch), "--async-draft", c.async_draft,
             *(["--auth-token-file", str(c.auth_token_file)] if c.auth_token_file else []), *extra_args,
         ]
 

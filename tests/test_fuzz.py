@@ -46,6 +46,8 @@ def requests(draw) -> pb.GenerateRequest:
         speculation.num_speculative_tokens = draw(st.one_of(st.integers(0, 40), st.integers(0, 2**32 - 1)))
     if draw(st.booleans()):
         speculation.tree_nodes = draw(st.integers(0, 300))
+    if draw(st.booleans()):
+        speculation.async_draft = draw(st.integers(0, 5))  # 4, 5: not a value of the enum
     request = pb.GenerateRequest(sampling=sampling, speculation=speculation, include_step_timings=draw(st.booleans()))
     which = draw(st.sampled_from(["prompt", "messages", "both", "neither"]))
     if which in ("prompt", "both"):

@@ -238,3 +238,9 @@ class DraftSequenceTracker:
         # Every token of `sequence` came from the target, so it is final.
         self.held = list(sequence) + list(proposal)
         self.confirmed = len(sequence)
+
+    def record_ahead(self, sequence: list[int], held: list[int]) -> None:
+        """After drafting ahead of a verdict on the proposal that follows `sequence`: the draft
+        holds `held`, its first outcome's sequence (only `sequence` is final)."""
+        self.held = list(held)
+        self.confirmed = len(sequence)

@@ -61,6 +61,10 @@ class EngineSession(Protocol):
     def close(self) -> None:
         """Frees the cache (a session is not used after this)."""
 
+    # Optional: `fork() -> EngineSession`, another session of the same engine holding a copy of
+    # this cache. A draft drafts several outcomes of a verdict side by side in forks (the
+    # torch engine has it); without it, one outcome per speculate op (`runtime/ahead.py`).
+
 
 @runtime_checkable
 class Engine(Protocol):

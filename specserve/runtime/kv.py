@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import DynamicCache
 
@@ -117,6 +119,12 @@ class KVSession:
         if length < self.length:
             self.cache.crop(length - self.length)  # transformers 5: a negative count removes tokens
             self.length = length
+
+    def fork(self) -> KVSession:
+        """Another session holding a copy of this cache (a draft's outcomes drafted side by side)."""
+        other = copy.copy(self)
+        other.cache = copy.deepcopy(self.cache)
+        return other
 
     def close(self) -> None:
         self.cache = DynamicCache()

@@ -13,10 +13,12 @@ import torch
 
 from specserve.core.acceptance import Verdict
 from specserve.core.distributions import to_dense
+from specserve.core.outcomes import Outcome, OutcomeRequest, Speculation
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DraftSequenceTracker, Proposal
 from specserve.core.tree import TreeShape, split_tree
-from specserve.runtime.engine import Engine
+from specserve.runtime.ahead import branch_op, speculate_op
+from specserve.runtime.engine import Engine, run_alone
 from specserve.runtime.workers import DraftWorker, FeatureDraftWorker, TargetWorker
 
 
@@ -73,6 +75,20 @@ class LocalDraftProposer:
         self.tracker.record(sequence, tokens)
         self.last_compute_ms = (time.perf_counter() - began) * 1e3
         return Proposal(tokens, rows)
+
+    async def speculate(self, sequence: list[int], proposal: Proposal, outcomes: list[OutcomeRequest], k: int) -> Speculation:
+        """Drafting ahead (draft_service's speculate op), its outcomes one after another."""
+        began = time.perf_counter()
+        drafted = sequence + proposal.tokens
+        committed, append = self.tracker.diff(drafted)
+        asked = [(o.accepted, o.guesses) for o in outcomes]
+        branches = run_alone(speculate_op(self.worker, committed, append, len(proposal.tokens), asked, k))
+        for branch in branches:
+            run_alone(branch_op(self.worker, branch, k))
+        self.tracker.record_ahead(sequence, self.worker.held)
+        self.last_compute_ms = (time.perf_counter() - began) * 1e3
+        found = [Outcome(b.accepted, b.token, b.context_len, Proposal(b.proposal)) for b in branches]
+        return Speculation(found, self.last_compute_ms)
 
 
 class LocalFeatureDraftProposer:

@@ -9,6 +9,7 @@ Target and token-draft workers see a model only through the engine interface
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,7 +18,10 @@ from specserve.core.distributions import to_sparse
 from specserve.core.errors import FailedPrecondition, InvalidArgument
 from specserve.core.sampling import SamplingConfig, make_generator, next_token, position_seed, warp
 from specserve.core.tree import DraftTree, TreeShape, accept_greedy_tree, ancestor_mask
-from specserve.runtime.engine import Engine, Forward, Op, run_alone, tree_fallback_path
+from specserve.runtime.engine import Engine, EngineSession, Forward, Op, run_alone, tree_fallback_path
+
+if TYPE_CHECKING:
+    from specserve.runtime.ahead import Branch
 
 SparseRow = tuple[list[int], list[float]]
 
@@ -167,13 +171,20 @@ class DraftWorker(_SessionBase):
     """Proposes k tokens autoregressively from a small model.
 
     `held` is the draft's sequence: everything it was sent plus its last proposals.
-    The cache holds all of it but the last proposal (never fed back).
+    The cache holds all of it but the last proposal (never fed back). Greedy sessions
+    also keep the logits each position of the last chain drafted was chosen from
+    (`scores`, for guesses of the target's tokens there), and may hold `branches`:
+    outcomes of a verdict drafted ahead beside the session's own sequence
+    (`runtime/ahead.py`); the next op resumes from whichever cache shares most with
+    its sequence.
     """
 
     def __init__(self, loaded: Engine):
         super().__init__(loaded)
         self.held: list[int] = []
         self.forward_passes = 0
+        self.scores: dict[int, torch.Tensor] = {}  # position in held -> logits [V_out] it was drafted from
+        self.branches: list[Branch] = []  # outcomes drafted ahead, beside `held`
 
     def start(self, prompt: list[int], sampling: SamplingConfig, seed: int) -> None:
         return run_alone(self.start_op(prompt, sampling, seed))
@@ -192,33 +203,91 @@ class DraftWorker(_SessionBase):
     def propose_op(self, committed_len: int, token_ids: list[int], k: int) -> Op[tuple[list[int], list[SparseRow] | None]]:
         """Proposals d1..dk and, when sampling, the sparse distribution each was drawn from."""
         self._check_started()
-        if committed_len > len(self.held):
-            raise FailedPrecondition(f"committed_len is {committed_len} but the draft holds {len(self.held)} tokens")
         if k < 1:
             raise InvalidArgument("num_tokens: must be at least 1")
+        keep = self.resume(committed_len, token_ids, room=k)
+        proposal, rows, self.scores = yield from self.draft_chain_op(self.kv, self.held[keep:], len(self.held), k)
+        self.held.extend(proposal)
+        return proposal, (None if self.sampling.greedy else rows)
+
+    def resume(self, committed_len: int, token_ids: list[int], room: int) -> int:
+        """Makes the sequence held[:committed_len] + token_ids, with `room` more tokens to come,
+        from the cache (own or a branch's) that shares most with it; the tokens kept in the cache."""
+        if committed_len > len(self.held):
+            raise FailedPrecondition(f"committed_len is {committed_len} but the draft holds {len(self.held)} tokens")
         self._check_tokens(token_ids, "token_ids", committed_len)
-        if committed_len + len(token_ids) + k > self.loaded.max_context_tokens:
+        if committed_len + len(token_ids) + room > self.loaded.max_context_tokens:
             raise InvalidArgument("num_tokens: the proposals would exceed the draft's context window")
-        self.held = self.held[:committed_len] + list(token_ids)
-        if not self.held:
+        sequence = self.held[:committed_len] + list(token_ids)
+        if not sequence:
             raise InvalidArgument("token_ids: the draft's sequence would be empty")
-        keep = min(committed_len, self.kv.length, len(self.held) - 1)
+        common = _common(self.held, sequence, committed_len)
+        usable = min(common, self.kv.length)
+        chosen = None
+        for branch in self.branches:
+            shared = _common(branch.held, sequence, min(branch.shared, committed_len))
+            if min(shared, branch.kv.length) > usable:
+                chosen, common, usable = branch, shared, min(shared, branch.kv.length)
+        for branch in self.branches:
+            if branch is not chosen:
+                branch.kv.close()
+        self.branches = []
+        if chosen is not None:  # a verdict matched an outcome drafted ahead: continue from its cache
+            self.kv.close()
+            self.kv, self.scores = chosen.kv, chosen.scores
+        # Logits at position p came from the p tokens before it: still right while they are.
+        self.scores = {p: logits for p, logits in self.scores.items() if p <= common}
+        self.held = sequence
+        keep = min(usable, len(sequence) - 1)
         self.kv.rollback(keep)
-        logits = (yield Forward(self.kv, self.held[keep:]))[0][0]  # [V_out]
+        return keep
+
+    def draft_chain_op(self, kv: EngineSession, feed: list[int], position: int, k: int
+                       ) -> Op[tuple[list[int], list[SparseRow], dict[int, torch.Tensor]]]:
+        """Feeds `feed` to `kv`, then draws k tokens, the first at `position` of the sequence:
+        (proposal, the sparse rows they were drawn from when sampling, the logits [V_out] each
+        position was chosen from when greedy)."""
+        logits = (yield Forward(kv, feed))[0][0]  # [V_out]
         self.forward_passes += 1
         self.reseed(len(self.held))
         proposal: list[int] = []
         rows: list[SparseRow] = []
+        scores: dict[int, torch.Tensor] = {}
         for i in range(k):
-            token, row = _choose(logits, self.kv.vocab_ids, self.sampling, self.generator)
+            token, row = _choose(logits, kv.vocab_ids, self.sampling, self.generator)
             proposal.append(token)
             if row is not None:
                 rows.append(row)
+            else:
+                scores[position + i] = logits
             if i < k - 1:
-                logits = (yield Forward(self.kv, [token]))[0][0]  # [V_out]
+                logits = (yield Forward(kv, [token]))[0][0]  # [V_out]
                 self.forward_passes += 1
-        self.held.extend(proposal)
-        return proposal, (None if self.sampling.greedy else rows)
+        return proposal, rows, scores
+
+    def close(self) -> None:
+        for branch in self.branches:
+            branch.kv.close()
+        self.branches = []
+        super().close()
+
+
+RANKED = 5  # likeliest tokens kept per drafted position: up to 4 guesses, plus the proposal a guess must differ from
+
+
+def ranked_tokens(logits: torch.Tensor, vocab_ids: torch.Tensor | None) -> list[int]:
+    """The draft's RANKED likeliest token ids from logits [V_out], likeliest first."""
+    indices = torch.topk(logits, min(RANKED, logits.shape[-1])).indices  # [RANKED]
+    return (indices if vocab_ids is None else vocab_ids[indices]).tolist()
+
+
+def _common(a: list[int], b: list[int], start: int) -> int:
+    """The length of the common prefix of a and b, given that it is at least `start`."""
+    limit = min(len(a), len(b))
+    n = min(start, limit)
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
 
 
 class FeatureDraftWorker(_SessionBase):

@@ -31,8 +31,9 @@ class ModelHost:
 
     def __init__(self, loaded: Engine, max_sessions: int, threads: int | None = None,
                  cost_profile: model_service_pb2.CostProfile | None = None, metrics: ModelServiceMetrics | None = None,
-                 token_budget: int = DEFAULT_TOKEN_BUDGET, batching: bool = True):
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, batching: bool = True, device: str = "cpu"):
         self.loaded = loaded
+        self.device = device
         self.sessions = SessionLimit(max_sessions)
         self.metrics = metrics
         if threads:
@@ -79,6 +80,7 @@ class ModelHost:
             queued_ops=self.queued,
             engine=self.loaded.engine_name,
             quantization=self.loaded.quantization,
+            device=self.device,
         )
 
 
@@ -127,7 +129,7 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
                      measured.machine.get("cpu"))
     budget = args.max_batch_tokens or (token_budget_from_profile(measured.costs) if measured else DEFAULT_TOKEN_BUDGET)
     host = ModelHost(engine, args.max_sessions, args.threads, cost_profile.to_proto(measured) if measured else None, metrics,
-                     token_budget=budget, batching=args.batching == "on")
+                     token_budget=budget, batching=args.batching == "on", device=args.device)
     logging.info("batching %s: at most %d tokens per forward pass", "on" if host.scheduler.batching else "off", budget)
     if metrics is not None:
         metrics.queued.set_function(lambda: host.queued)

@@ -26,7 +26,7 @@ from specserve.v1 import common_pb2 as specserve_dot_v1_dot_common__pb2
 from specserve.v1 import model_service_pb2 as specserve_dot_v1_dot_model__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specserve/v1/draft.proto\x12\x0cspecserve.v1\x1a\x19specserve/v1/common.proto\x1a specserve/v1/model_service.proto\"d\n\nDraftStart\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12.\n\x08sampling\x18\x02 \x01(\x0b\x32\x1c.specserve.v1.SamplingParams\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"H\n\tTreeShape\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06\x62ranch\x18\x03 \x01(\r\x12\r\n\x05nodes\x18\x04 \x01(\r\"\xa6\x01\n\x0c\x44raftPropose\x12\x15\n\rcommitted_len\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x31\n\rhidden_states\x18\x04 \x01(\x0b\x32\x1a.specserve.v1.HiddenStates\x12%\n\x04tree\x18\x05 \x01(\x0b\x32\x17.specserve.v1.TreeShape\"}\n\x0c\x44raftRequest\x12\r\n\x05op_id\x18\x01 \x01(\x04\x12)\n\x05start\x18\x02 \x01(\x0b\x32\x18.specserve.v1.DraftStartH\x00\x12-\n\x07propose\x18\x03 \x01(\x0b\x32\x1a.specserve.v1.DraftProposeH\x00\x42\x04\n\x02op\"\x9f\x01\n\rDraftResponse\x12\r\n\x05op_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\x05probs\x18\x03 \x03(\x0b\x32 .specserve.v1.SparseDistribution\x12\x16\n\x0e\x66orward_passes\x18\x04 \x01(\r\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\x12\x0f\n\x07parents\x18\x06 \x03(\x05\x32\x98\x01\n\x0c\x44raftService\x12\x46\n\x07Session\x12\x1a.specserve.v1.DraftRequest\x1a\x1b.specserve.v1.DraftResponse(\x01\x30\x01\x12@\n\x07GetInfo\x12\x1c.specserve.v1.GetInfoRequest\x1a\x17.specserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specserve/v1/draft.proto\x12\x0cspecserve.v1\x1a\x19specserve/v1/common.proto\x1a specserve/v1/model_service.proto\"d\n\nDraftStart\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12.\n\x08sampling\x18\x02 \x01(\x0b\x32\x1c.specserve.v1.SamplingParams\x12\x0c\n\x04seed\x18\x03 \x01(\x04\"H\n\tTreeShape\x12\r\n\x05\x64\x65pth\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06\x62ranch\x18\x03 \x01(\r\x12\r\n\x05nodes\x18\x04 \x01(\r\"\xa6\x01\n\x0c\x44raftPropose\x12\x15\n\rcommitted_len\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x31\n\rhidden_states\x18\x04 \x01(\x0b\x32\x1a.specserve.v1.HiddenStates\x12%\n\x04tree\x18\x05 \x01(\x0b\x32\x17.specserve.v1.TreeShape\"3\n\x0eOutcomeGuesses\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x0f\n\x07guesses\x18\x02 \x01(\r\"\x94\x01\n\x0e\x44raftSpeculate\x12\x15\n\rcommitted_len\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x14\n\x0cproposal_len\x18\x03 \x01(\r\x12.\n\x08outcomes\x18\x04 \x03(\x0b\x32\x1c.specserve.v1.OutcomeGuesses\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\"\xb0\x01\n\x0c\x44raftRequest\x12\r\n\x05op_id\x18\x01 \x01(\x04\x12)\n\x05start\x18\x02 \x01(\x0b\x32\x18.specserve.v1.DraftStartH\x00\x12-\n\x07propose\x18\x03 \x01(\x0b\x32\x1a.specserve.v1.DraftProposeH\x00\x12\x31\n\tspeculate\x18\x04 \x01(\x0b\x32\x1c.specserve.v1.DraftSpeculateH\x00\x42\x04\n\x02op\"Z\n\x0c\x44raftOutcome\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\r\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x13\n\x0b\x63ontext_len\x18\x03 \x01(\r\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\"\xcd\x01\n\rDraftResponse\x12\r\n\x05op_id\x18\x01 \x01(\x04\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\x05probs\x18\x03 \x03(\x0b\x32 .specserve.v1.SparseDistribution\x12\x16\n\x0e\x66orward_passes\x18\x04 \x01(\r\x12\x12\n\ncompute_ms\x18\x05 \x01(\x01\x12\x0f\n\x07parents\x18\x06 \x03(\x05\x12,\n\x08outcomes\x18\x07 \x03(\x0b\x32\x1a.specserve.v1.DraftOutcome2\x98\x01\n\x0c\x44raftService\x12\x46\n\x07Session\x12\x1a.specserve.v1.DraftRequest\x1a\x1b.specserve.v1.DraftResponse(\x01\x30\x01\x12@\n\x07GetInfo\x12\x1c.specserve.v1.GetInfoRequest\x1a\x17.specserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,10 +39,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TREESHAPE']._serialized_end=277
   _globals['_DRAFTPROPOSE']._serialized_start=280
   _globals['_DRAFTPROPOSE']._serialized_end=446
-  _globals['_DRAFTREQUEST']._serialized_start=448
-  _globals['_DRAFTREQUEST']._serialized_end=573
-  _globals['_DRAFTRESPONSE']._serialized_start=576
-  _globals['_DRAFTRESPONSE']._serialized_end=735
-  _globals['_DRAFTSERVICE']._serialized_start=738
-  _globals['_DRAFTSERVICE']._serialized_end=890
+  _globals['_OUTCOMEGUESSES']._serialized_start=448
+  _globals['_OUTCOMEGUESSES']._serialized_end=499
+  _globals['_DRAFTSPECULATE']._serialized_start=502
+  _globals['_DRAFTSPECULATE']._serialized_end=650
+  _globals['_DRAFTREQUEST']._serialized_start=653
+  _globals['_DRAFTREQUEST']._serialized_end=829
+  _globals['_DRAFTOUTCOME']._serialized_start=831
+  _globals['_DRAFTOUTCOME']._serialized_end=921
+  _globals['_DRAFTRESPONSE']._serialized_start=924
+  _globals['_DRAFTRESPONSE']._serialized_end=1129
+  _globals['_DRAFTSERVICE']._serialized_start=1132
+  _globals['_DRAFTSERVICE']._serialized_end=1284
 # @@protoc_insertion_point(module_scope)

@@ -44,28 +44,66 @@ class DraftPropose(_message.Message):
     tree: TreeShape
     def __init__(self, committed_len: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., hidden_states: _Optional[_Union[_common_pb2.HiddenStates, _Mapping]] = ..., tree: _Optional[_Union[TreeShape, _Mapping]] = ...) -> None: ...
 
+class OutcomeGuesses(_message.Message):
+    __slots__ = ("accepted", "guesses")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    GUESSES_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    guesses: int
+    def __init__(self, accepted: _Optional[int] = ..., guesses: _Optional[int] = ...) -> None: ...
+
+class DraftSpeculate(_message.Message):
+    __slots__ = ("committed_len", "token_ids", "proposal_len", "outcomes", "num_tokens")
+    COMMITTED_LEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSAL_LEN_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    committed_len: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    proposal_len: int
+    outcomes: _containers.RepeatedCompositeFieldContainer[OutcomeGuesses]
+    num_tokens: int
+    def __init__(self, committed_len: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., proposal_len: _Optional[int] = ..., outcomes: _Optional[_Iterable[_Union[OutcomeGuesses, _Mapping]]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+
 class DraftRequest(_message.Message):
-    __slots__ = ("op_id", "start", "propose")
+    __slots__ = ("op_id", "start", "propose", "speculate")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     PROPOSE_FIELD_NUMBER: _ClassVar[int]
+    SPECULATE_FIELD_NUMBER: _ClassVar[int]
     op_id: int
     start: DraftStart
     propose: DraftPropose
-    def __init__(self, op_id: _Optional[int] = ..., start: _Optional[_Union[DraftStart, _Mapping]] = ..., propose: _Optional[_Union[DraftPropose, _Mapping]] = ...) -> None: ...
+    speculate: DraftSpeculate
+    def __init__(self, op_id: _Optional[int] = ..., start: _Optional[_Union[DraftStart, _Mapping]] = ..., propose: _Optional[_Union[DraftPropose, _Mapping]] = ..., speculate: _Optional[_Union[DraftSpeculate, _Mapping]] = ...) -> None: ...
+
+class DraftOutcome(_message.Message):
+    __slots__ = ("accepted", "token_id", "context_len", "token_ids")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    token_id: int
+    context_len: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., context_len: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
-    __slots__ = ("op_id", "token_ids", "probs", "forward_passes", "compute_ms", "parents")
+    __slots__ = ("op_id", "token_ids", "probs", "forward_passes", "compute_ms", "parents", "outcomes")
     OP_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PROBS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
     op_id: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     probs: _containers.RepeatedCompositeFieldContainer[_common_pb2.SparseDistribution]
     forward_passes: int
     compute_ms: float
     parents: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, op_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., forward_passes: _Optional[int] = ..., compute_ms: _Optional[float] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...
+    outcomes: _containers.RepeatedCompositeFieldContainer[DraftOutcome]
+    def __init__(self, op_id: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Iterable[_Union[_common_pb2.SparseDistribution, _Mapping]]] = ..., forward_passes: _Optional[int] = ..., compute_ms: _Optional[float] = ..., parents: _Optional[_Iterable[int]] = ..., outcomes: _Optional[_Iterable[_Union[DraftOutcome, _Mapping]]] = ...) -> None: ...

@@ -11,7 +11,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "max_context_tokens", "eos_token_ids", "dtype", "active_sessions", "max_sessions", "needs_target_hidden_states", "medusa_num_heads", "cost_profile", "batch_token_budget", "mean_batch_tokens", "queued_ops", "engine", "quantization")
+    __slots__ = ("model", "vocab_size", "max_context_tokens", "eos_token_ids", "dtype", "active_sessions", "max_sessions", "needs_target_hidden_states", "medusa_num_heads", "cost_profile", "batch_token_budget", "mean_batch_tokens", "queued_ops", "engine", "quantization", "device")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class ModelInfo(_message.Message):
     QUEUED_OPS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     max_context_tokens: int
@@ -42,7 +43,8 @@ class ModelInfo(_message.Message):
     queued_ops: int
     engine: str
     quantization: str
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., needs_target_hidden_states: _Optional[bool] = ..., medusa_num_heads: _Optional[int] = ..., cost_profile: _Optional[_Union[CostProfile, _Mapping]] = ..., batch_token_budget: _Optional[int] = ..., mean_batch_tokens: _Optional[float] = ..., queued_ops: _Optional[int] = ..., engine: _Optional[str] = ..., quantization: _Optional[str] = ...) -> None: ...
+    device: str
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., needs_target_hidden_states: _Optional[bool] = ..., medusa_num_heads: _Optional[int] = ..., cost_profile: _Optional[_Union[CostProfile, _Mapping]] = ..., batch_token_budget: _Optional[int] = ..., mean_batch_tokens: _Optional[float] = ..., queued_ops: _Optional[int] = ..., engine: _Optional[str] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class CostProfile(_message.Message):
     __slots__ = ("verify_chain", "verify_tree", "draft_step", "draft_tree_level", "cpu", "cpu_flags", "threads", "memory_gb_s", "matmul_gflop_s", "measured_ms", "from_cache")

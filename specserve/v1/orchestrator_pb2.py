@@ -25,29 +25,31 @@ _sym_db = _symbol_database.Default()
 from specserve.v1 import common_pb2 as specserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fspecserve/v1/orchestrator.proto\x12\x0cspecserve.v1\x1a\x19specserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xff\x02\n\x11SpeculationParams\x12$\n\x06method\x18\x01 \x01(\x0e\x32\x14.specserve.v1.Method\x12#\n\x16num_speculative_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x0c\x66ixed_length\x18\x03 \x01(\x08\x12\x17\n\ntree_nodes\x18\x04 \x01(\rH\x01\x88\x01\x01\x12*\n\x06medusa\x18\x05 \x01(\x0b\x32\x1a.specserve.v1.MedusaParams\x12\x1d\n\x10lookahead_window\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x1c\n\x0flookahead_ngram\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x1e\n\x11lookahead_guesses\x18\x08 \x01(\rH\x04\x88\x01\x01\x42\x19\n\x17_num_speculative_tokensB\r\n\x0b_tree_nodesB\x13\n\x11_lookahead_windowB\x12\n\x10_lookahead_ngramB\x14\n\x12_lookahead_guesses\"\xd2\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.specserve.v1.ChatMessage\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.specserve.v1.SamplingParams\x12\x34\n\x0bspeculation\x18\x04 \x01(\x0b\x32\x1f.specserve.v1.SpeculationParams\x12\x1c\n\x14include_step_timings\x18\x05 \x01(\x08\"U\n\nStepTiming\x12\x0f\n\x07wall_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08proposed\x18\x03 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\r\"\xd4\x03\n\x0fGenerationStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x1d\n\x15target_forward_passes\x18\x03 \x01(\r\x12\x17\n\x0fproposed_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x05 \x01(\r\x12\x14\n\x0cwall_time_ms\x18\x06 \x01(\x01\x12\x1c\n\x14mean_accepted_length\x18\x07 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x08 \x01(\x01\x12$\n\x06method\x18\t \x01(\x0e\x32\x14.specserve.v1.Method\x12\x1c\n\x14\x64raft_forward_passes\x18\n \x01(\r\x12.\n\x0cstep_timings\x18\x0b \x03(\x0b\x32\x18.specserve.v1.StepTiming\x12\x11\n\tfailovers\x18\x0c \x01(\r\x12\r\n\x05lossy\x18\r \x01(\x08\x12*\n\x06target\x18\x0e \x01(\x0b\x32\x1a.specserve.v1.ServingModel\x12)\n\x05\x64raft\x18\x0f \x01(\x0b\x32\x1a.specserve.v1.ServingModel\"\xe4\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.specserve.v1.FinishReason\x12,\n\x05stats\x18\x04 \x01(\x0b\x32\x1d.specserve.v1.GenerationStats\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x05 \x01(\r\x12\x1c\n\x14\x61\x63\x63\x65pted_text_length\x18\x06 \x01(\r\x12\x17\n\x0fproposed_tokens\x18\x07 \x01(\r*s\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41UTOREGRESSIVE\x10\x01\x12\x0f\n\x0b\x44RAFT_MODEL\x10\x02\x12\x11\n\rPROMPT_LOOKUP\x10\x03\x12\n\n\x06MEDUSA\x10\x04\x12\r\n\tLOOKAHEAD\x10\x05*L\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03\x32[\n\x0cOrchestrator\x12K\n\x08Generate\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fspecserve/v1/orchestrator.proto\x12\x0cspecserve.v1\x1a\x19specserve/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xae\x03\n\x11SpeculationParams\x12$\n\x06method\x18\x01 \x01(\x0e\x32\x14.specserve.v1.Method\x12#\n\x16num_speculative_tokens\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x0c\x66ixed_length\x18\x03 \x01(\x08\x12\x17\n\ntree_nodes\x18\x04 \x01(\rH\x01\x88\x01\x01\x12*\n\x06medusa\x18\x05 \x01(\x0b\x32\x1a.specserve.v1.MedusaParams\x12\x1d\n\x10lookahead_window\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x1c\n\x0flookahead_ngram\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x1e\n\x11lookahead_guesses\x18\x08 \x01(\rH\x04\x88\x01\x01\x12-\n\x0b\x61sync_draft\x18\t \x01(\x0e\x32\x18.specserve.v1.AsyncDraftB\x19\n\x17_num_speculative_tokensB\r\n\x0b_tree_nodesB\x13\n\x11_lookahead_windowB\x12\n\x10_lookahead_ngramB\x14\n\x12_lookahead_guesses\"\xd2\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.specserve.v1.ChatMessage\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.specserve.v1.SamplingParams\x12\x34\n\x0bspeculation\x18\x04 \x01(\x0b\x32\x1f.specserve.v1.SpeculationParams\x12\x1c\n\x14include_step_timings\x18\x05 \x01(\x08\"U\n\nStepTiming\x12\x0f\n\x07wall_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08proposed\x18\x03 \x01(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\r\"\x9a\x05\n\x0fGenerationStats\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x1d\n\x15target_forward_passes\x18\x03 \x01(\r\x12\x17\n\x0fproposed_tokens\x18\x04 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x05 \x01(\r\x12\x14\n\x0cwall_time_ms\x18\x06 \x01(\x01\x12\x1c\n\x14mean_accepted_length\x18\x07 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x08 \x01(\x01\x12$\n\x06method\x18\t \x01(\x0e\x32\x14.specserve.v1.Method\x12\x1c\n\x14\x64raft_forward_passes\x18\n \x01(\r\x12.\n\x0cstep_timings\x18\x0b \x03(\x0b\x32\x18.specserve.v1.StepTiming\x12\x11\n\tfailovers\x18\x0c \x01(\r\x12\r\n\x05lossy\x18\r \x01(\x08\x12*\n\x06target\x18\x0e \x01(\x0b\x32\x1a.specserve.v1.ServingModel\x12)\n\x05\x64raft\x18\x0f \x01(\x0b\x32\x1a.specserve.v1.ServingModel\x12\x13\n\x0b\x61sync_draft\x18\x10 \x01(\x08\x12\x1a\n\x12synchronous_reason\x18\x11 \x01(\t\x12\x18\n\x10outcomes_drafted\x18\x12 \x01(\r\x12\x14\n\x0coutcome_hits\x18\x13 \x01(\r\x12\x16\n\x0estale_outcomes\x18\x14 \x01(\r\x12\x18\n\x10\x64raft_compute_ms\x18\x15 \x01(\x01\x12\x18\n\x10\x64raft_exposed_ms\x18\x16 \x01(\x01\x12\x17\n\x0fpipelined_steps\x18\x17 \x01(\r\"\xe4\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.specserve.v1.FinishReason\x12,\n\x05stats\x18\x04 \x01(\x0b\x32\x1d.specserve.v1.GenerationStats\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x05 \x01(\r\x12\x1c\n\x14\x61\x63\x63\x65pted_text_length\x18\x06 \x01(\r\x12\x17\n\x0fproposed_tokens\x18\x07 \x01(\r*s\n\x06Method\x12\x16\n\x12METHOD_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41UTOREGRESSIVE\x10\x01\x12\x0f\n\x0b\x44RAFT_MODEL\x10\x02\x12\x11\n\rPROMPT_LOOKUP\x10\x03\x12\n\n\x06MEDUSA\x10\x04\x12\r\n\tLOOKAHEAD\x10\x05*L\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03*h\n\nAsyncDraft\x12\x1b\n\x17\x41SYNC_DRAFT_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x41SYNC_DRAFT_OFF\x10\x01\x12\x12\n\x0e\x41SYNC_DRAFT_ON\x10\x02\x12\x14\n\x10\x41SYNC_DRAFT_AUTO\x10\x03\x32[\n\x0cOrchestrator\x12K\n\x08Generate\x12\x1d.specserve.v1.GenerateRequest\x1a\x1e.specserve.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specserve.v1.orchestrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_METHOD']._serialized_start=1510
-  _globals['_METHOD']._serialized_end=1625
-  _globals['_FINISHREASON']._serialized_start=1627
-  _globals['_FINISHREASON']._serialized_end=1703
+  _globals['_METHOD']._serialized_start=1755
+  _globals['_METHOD']._serialized_end=1870
+  _globals['_FINISHREASON']._serialized_start=1872
+  _globals['_FINISHREASON']._serialized_end=1948
+  _globals['_ASYNCDRAFT']._serialized_start=1950
+  _globals['_ASYNCDRAFT']._serialized_end=2054
   _globals['_CHATMESSAGE']._serialized_start=76
   _globals['_CHATMESSAGE']._serialized_end=120
   _globals['_SPECULATIONPARAMS']._serialized_start=123
-  _globals['_SPECULATIONPARAMS']._serialized_end=506
-  _globals['_GENERATEREQUEST']._serialized_start=509
-  _globals['_GENERATEREQUEST']._serialized_end=719
-  _globals['_STEPTIMING']._serialized_start=721
-  _globals['_STEPTIMING']._serialized_end=806
-  _globals['_GENERATIONSTATS']._serialized_start=809
-  _globals['_GENERATIONSTATS']._serialized_end=1277
-  _globals['_GENERATERESPONSE']._serialized_start=1280
-  _globals['_GENERATERESPONSE']._serialized_end=1508
-  _globals['_ORCHESTRATOR']._serialized_start=1705
-  _globals['_ORCHESTRATOR']._serialized_end=1796
+  _globals['_SPECULATIONPARAMS']._serialized_end=553
+  _globals['_GENERATEREQUEST']._serialized_start=556
+  _globals['_GENERATEREQUEST']._serialized_end=766
+  _globals['_STEPTIMING']._serialized_start=768
+  _globals['_STEPTIMING']._serialized_end=853
+  _globals['_GENERATIONSTATS']._serialized_start=856
+  _globals['_GENERATIONSTATS']._serialized_end=1522
+  _globals['_GENERATERESPONSE']._serialized_start=1525
+  _globals['_GENERATERESPONSE']._serialized_end=1753
+  _globals['_ORCHESTRATOR']._serialized_start=2056
+  _globals['_ORCHESTRATOR']._serialized_end=2147
 # @@protoc_insertion_point(module_scope)
