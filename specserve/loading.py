@@ -12,7 +12,7 @@ import importlib.util
 
 from specserve.runtime.engine import Engine
 
-ENGINES = ("auto", "torch", "llama.cpp")
+ENGINES = ("auto", "torch", "llama.cpp", "compiled")
 
 
 def llama_cpp_available() -> bool:
@@ -50,6 +50,10 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", engine: s
 
     if is_drafter_dir(spec):
         return load_drafter_engine(spec, dtype, device)
+    if resolve_engine(engine, spec, device) == "compiled":
+        from specserve.runtime.compiled import load_compiled
+
+        return load_compiled(spec, dtype, device)
     if resolve_engine(engine, spec, device) == "llama.cpp":
         from specserve.runtime.llama_engine import LlamaEngine
         from specserve.runtime.models import gguf_file

@@ -114,6 +114,8 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
     engine_name = resolve_engine(args.engine, args.model, args.device)
     # dtype auto measures the torch engine's choices; llama.cpp computes in the GGUF's own types.
     dtype = resolve_dtype(args.dtype, args.model, role, args.device) if engine_name == "torch" else "float32"
+    if engine_name == "compiled":  # its dtype as asked; auto: float32, exactly plain decoding's numerics
+        dtype = "float32" if args.dtype == "auto" else args.dtype
     engine = load_model(args.model, dtype, args.device, engine=engine_name, threads=args.threads)
     logging.info("%s on the %s engine (%s)", args.model, engine.engine_name, engine.dtype_name)
     # What a forward costs here, measured before serving (a few seconds, once per machine: cached).
