@@ -21,7 +21,8 @@ torch.compile (inductor: fused C++ kernels around the matrix products):
   results are exactly each session's alone, but the weights are read once per session.
 
 dtypes: float32, bfloat16, and int8 (weight-only: per-channel symmetric int8 weights
-quantized at load from the model's own, float32 activations). `compile=False` runs the
+quantized at load from the model's float32 weights; bfloat16 activations and caches, since
+the int8 product kernel is vectorized for bfloat16 inputs only). `compile=False` runs the
 same functions eagerly (the static-cache path without compilation).
 """
 
@@ -55,7 +56,7 @@ def load_compiled(spec: str, dtype: str = "float32", device: str = "cpu", **opti
 
     if dtype not in COMPILED_DTYPES:
         raise ValueError(f"the compiled engine's dtype must be one of {', '.join(COMPILED_DTYPES)}, got {dtype!r}")
-    weights_dtype = torch.float32 if dtype == "int8" else DTYPES[dtype]
+    weights_dtype = torch.float32 if dtype == "int8" else DTYPES[dtype]  # int8 is quantized from float32
     model = AutoModelForCausalLM.from_pretrained(resolve_model_dir(spec), dtype=weights_dtype, use_safetensors=True)
     return CompiledEngine(spec, model.to(device).eval(), int8=dtype == "int8", **options)
 
@@ -78,9 +79,9 @@ class CompiledEngine:
                              f"without a sliding window, SiLU MLP), not {getattr(config, 'model_type', '?')!r}")
         base = model.model
         self.spec = spec
-        self.dtype = base.embed_tokens.weight.dtype  # activations and caches
+        self.dtype = torch.bfloat16 if int8 else base.embed_tokens.weight.dtype  # activations and caches
         self.dtype_name = "int8" if int8 else str(self.dtype).removeprefix("torch.")
-        self.quantization = "int8 weight-only, per channel" if int8 else "none"
+        self.quantization = "int8 weight-only, per channel, bfloat16 activations" if int8 else "none"
         self.device = base.embed_tokens.weight.device
         self.vocab_size = int(base.embed_tokens.weight.shape[0])
         self.hidden_size = int(config.hidden_size)
@@ -88,8 +89,8 @@ class CompiledEngine:
         self.eos_token_ids = eos_token_ids(model)
         self.shape: LayerShape = layer_shape(config)
         self.layers = [layer_weights(layer, int8, self.dtype) for layer in base.layers[: config.num_hidden_layers]]
-        self.embed = base.embed_tokens.weight.detach()  # [V, H]
-        self.norm_weight = base.norm.weight.detach()  # [H]
+        self.embed = base.embed_tokens.weight.detach().to(self.dtype)  # [V, H]
+        self.norm_weight = base.norm.weight.detach().to(self.dtype)  # [H]
         head = model.lm_head.weight.detach()  # [V, H]
         self.head = Projection(*quantize_int8(head, self.dtype), None) if int8 else Projection(head, None, None)
         self.rotary = base.rotary_emb  # the family's own rotary embedding (its scaling rules included)

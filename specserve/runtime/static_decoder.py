@@ -109,21 +109,21 @@ def _projection(linears: list[torch.nn.Linear], int8: bool, dtype: torch.dtype) 
     weight = linears[0].weight if len(linears) == 1 else torch.cat([m.weight for m in linears])
     biases = [m.bias for m in linears]
     bias = None if all(b is None for b in biases) else torch.cat(
-        [b if b is not None else torch.zeros(m.out_features, dtype=dtype) for m, b in zip(linears, biases)])
+        [b.detach() if b is not None else torch.zeros(m.out_features) for m, b in zip(linears, biases)]).to(dtype)
     if int8:
-        q, scale = quantize_int8(weight, dtype)
-        return Projection(q, scale, bias)
-    return Projection(weight.detach(), None, None if bias is None else bias.detach())
+        return Projection(*quantize_int8(weight, dtype), bias)
+    return Projection(weight.detach(), None, bias)
 
 
 def layer_weights(layer: torch.nn.Module, int8: bool, dtype: torch.dtype) -> LayerWeights:
-    """A transformers decoder layer's weights, q/k/v and gate/up laid side by side."""
+    """A transformers decoder layer's weights, q/k/v and gate/up laid side by side; int8: quantized,
+    everything else in dtype (the activations')."""
     attn, mlp = layer.self_attn, layer.mlp
     return LayerWeights(
-        input_norm=layer.input_layernorm.weight.detach(),
+        input_norm=layer.input_layernorm.weight.detach().to(dtype),
         qkv=_projection([attn.q_proj, attn.k_proj, attn.v_proj], int8, dtype),
         out=_projection([attn.o_proj], int8, dtype),
-        post_norm=layer.post_attention_layernorm.weight.detach(),
+        post_norm=layer.post_attention_layernorm.weight.detach().to(dtype),
         gate_up=_projection([mlp.gate_proj, mlp.up_proj], int8, dtype),
         down=_projection([mlp.down_proj], int8, dtype),
     )
