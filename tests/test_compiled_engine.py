@@ -1,13 +1,14 @@
 """The compiled engine on the real default model in float32: its logits and hidden states are
 the torch engine's (within float32 tolerance), a chain equals single steps, trees keep the
 right path, rollback and compaction, a batch equals each session alone, nothing recompiles
-after the warm-up, int8 weights compute what they claim, and every method through the gRPC
-services decodes exactly what the same engine decodes plainly."""
+after the warm-up, int8 weights compute what they claim, and speculation through the gRPC
+services (prompt lookup, the shipped feature draft's trees) decodes exactly what the same
+engine decodes plainly."""
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 from torch._dynamo.utils import counters
 
 from specserve.client import build_request, connect, generate
@@ -16,6 +17,7 @@ from specserve.launcher import Stack, StackConfig
 from specserve.loading import load_model, resolve_engine
 from specserve.runtime.compiled import CompiledEngine, load_compiled
 from specserve.runtime.engine import Engine, EngineSession, Forward, run_forward
+from specserve.runtime.models import default_draft_model
 from specserve.runtime.static_decoder import Projection, project, quantize_int8
 from conftest import oracle_tree_decode, plain_greedy
 
@@ -99,7 +101,8 @@ def test_keep_compacts_a_tree_path_into_a_sequence(engine):
     torch.testing.assert_close(after, chain.extend([NEW[4], NEW[1], NEW[2], NEW[5]]), rtol=0, atol=ATOL)
 
 
-def test_a_batch_equals_each_session_alone(engine):
+@pytest.mark.parametrize("prefill", [5, 20])  # 3 + 4 + 5 rows share one pass; with 20, more than the largest bucket
+def test_a_batch_equals_each_session_alone(engine, prefill):
     tree = DraftTree([NEW[0], NEW[1], NEW[2]], [-1, -1, 0])
 
     def forwards(sessions):
@@ -107,7 +110,7 @@ def test_a_batch_equals_each_session_alone(engine):
         positions = [b.length + d for d in [0, *tree.depths()]]
         return [Forward(a, NEW[:3], logits_for=3, hidden=True),
                 Forward(b, [NEW[5], *tree.tokens], logits_for=4, positions=positions, visible=ancestor_mask(tree)),
-                Forward(c, CONTEXT[:20], logits_for=0)]
+                Forward(c, CONTEXT[:prefill], logits_for=0)]
 
     def fresh():
         sessions = [engine.new_session() for _ in range(3)]
@@ -115,19 +118,32 @@ def test_a_batch_equals_each_session_alone(engine):
         sessions[1].extend(CONTEXT[:7])
         return sessions
 
-    together = engine.forward_batch(forwards(fresh()))
+    batched = fresh()
+    together = engine.forward_batch(forwards(batched))
     alone = [run_forward(f) for f in forwards(fresh())]
     for (logits, hidden), (ref_logits, ref_hidden) in zip(together, alone):
         assert (logits is None) == (ref_logits is None) and (hidden is None) == (ref_hidden is None)
-        assert logits is None or torch.equal(logits, ref_logits)
-        assert hidden is None or torch.equal(hidden, ref_hidden)
+        if logits is not None:
+            torch.testing.assert_close(logits, ref_logits, rtol=0, atol=ATOL)
+            assert logits.argmax(-1).tolist() == ref_logits.argmax(-1).tolist()
+        if hidden is not None:
+            torch.testing.assert_close(hidden, ref_hidden, rtol=0, atol=ATOL)
+    # Each cache grew as alone: the next token's logits agree.
+    assert [s.length for s in batched] == [53, 11, prefill]
+    single = fresh()
+    for f in forwards(single):
+        run_forward(f)
+    for ours, theirs in zip(batched, single):
+        torch.testing.assert_close(ours.extend([NEW[9]]), theirs.extend([NEW[9]]), rtol=0, atol=ATOL)
 
 
 def test_nothing_compiles_after_the_warm_up(engine):
     graphs = counters["stats"]["unique_graphs"]
     session = engine.new_session()
+    others = [engine.new_session() for _ in range(2)]
     for n in (1, 3, 4, 9, 16, 70, 1, 2):  # every bucket, chunks, spans from 64 to 320
         session.extend(CONTEXT[:n], logits_for=1)
+        engine.forward_batch([Forward(s, CONTEXT[:n], logits_for=1) for s in others])  # a batch's parts
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -170,7 +186,7 @@ REWRITE = (
 
 @pytest.fixture(scope="module")
 def compiled_stack(tmp_path_factory):
-    config = StackConfig(target_model="smollm2", draft_model=None, engine="compiled", dtype="float32", port=0,
+    config = StackConfig(target_model="smollm2", draft_model=default_draft_model(), engine="compiled", dtype="float32", port=0,
                          redis="off", threads=1, log_dir=tmp_path_factory.mktemp("compiled-stack-logs"))
     with Stack(config) as stack:
         channel, stub = connect(stack.address)
@@ -178,7 +194,7 @@ def compiled_stack(tmp_path_factory):
         channel.close()
 
 
-def test_prompt_lookup_through_the_services_equals_plain_decoding(compiled_stack):
+def test_speculation_through_the_services_equals_plain_decoding(compiled_stack):
     for content, max_new_tokens in ((QUESTION, 32), (REWRITE, 64)):
         def chat(method):
             request = build_request(messages=[{"role": "user", "content": content}], method=method,
@@ -191,3 +207,8 @@ def test_prompt_lookup_through_the_services_equals_plain_decoding(compiled_stack
         assert lookup.token_ids == plain.token_ids
         if content is REWRITE:
             assert lookup.stats.target_forward_passes < lookup.stats.generated_tokens
+        if default_draft_model() is not None:
+            # The shipped feature draft reads the compiled target's hidden states and drafts trees.
+            drafted = chat("draft_model")
+            assert drafted.token_ids == plain.token_ids
+            assert drafted.stats.accepted_tokens > 0

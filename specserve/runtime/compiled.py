@@ -17,8 +17,10 @@ torch.compile (inductor: fused C++ kernels around the matrix products):
   copies its slots down (an index copy).
 - Padding rows sit after the real ones, see only their own slot (so every attention
   row is finite), and are never seen: later writes overwrite their slots.
-- `forward_batch` runs each session's rows through the compiled buckets in turn: the
-  results are exactly each session's alone, but the weights are read once per session.
+- `forward_batch` runs the rows of several sessions in one pass when they fit the
+  largest bucket together: the layer's projections (nearly all its weights) over all
+  rows at once, the attention per session (`static_decoder.py`'s three layer parts, each
+  compiled per bucket); else each session's rows in turn.
 
 dtypes: float32, bfloat16, and int8 (weight-only: per-channel symmetric int8 weights
 quantized at load from the model's float32 weights; bfloat16 activations and caches, since
@@ -31,14 +33,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
 from specserve.runtime.engine import Forward, ForwardResult
 from specserve.runtime.models import DTYPES, cache_root, eos_token_ids, resolve_model_dir
 from specserve.runtime.ragged import supports_ragged
-from specserve.runtime.static_decoder import (LayerShape, Projection, decoder_layer, final_norm, layer_shape,
-                                              layer_weights, project, quantize_int8)
+from specserve.runtime.static_decoder import (LayerShape, Projection, attend, decoder_layer, final_norm, layer_inputs,
+                                              layer_outputs, layer_shape, layer_weights, project, quantize_int8)
 
 log = logging.getLogger(__name__)
 
@@ -97,23 +100,25 @@ class CompiledEngine:
         self.buckets = tuple(sorted(buckets))
         self.capacity = -(-(self.max_context_tokens + self.buckets[-1]) // SPAN_BLOCK) * SPAN_BLOCK  # C
         self.compiled = compile
+        parts = (decoder_layer, final_norm, layer_inputs, attend, layer_outputs)
         if compile:
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
-            self._layer = torch.compile(decoder_layer, fullgraph=True)
-            self._norm = torch.compile(final_norm, fullgraph=True)
-        else:
-            self._layer, self._norm = decoder_layer, final_norm
+            parts = tuple(torch.compile(part, fullgraph=True) for part in parts)
+        self._layer, self._norm, self._inputs, self._attend, self._outputs = parts
         self._free: list[tuple[torch.Tensor, torch.Tensor]] = []  # caches of closed sessions
         self.compile_s = self.warm_up() if compile and warm_up else 0.0
 
+    @torch.inference_mode()
     def warm_up(self) -> float:
-        """Runs every bucket once (compiling its graphs, or loading them from inductor's cache);
-        the seconds it took."""
+        """Runs every bucket once alone and once as a batch's parts (compiling the graphs, or
+        loading them from inductor's cache); the seconds it took."""
         began = time.perf_counter()
         session = self.new_session()
-        for bucket in self.buckets:
-            session.extend(list(range(bucket)), logits_for=1)
+        for b in self.buckets:
+            session.extend(list(range(b)), logits_for=1)
             session.rollback(0)
+            rows = _Rows(session, 0, list(range(b)), list(range(b)), torch.ones(b, b, dtype=torch.bool).tril())
+            self._batched([rows])
         session.close()
         took = time.perf_counter() - began
         log.info("compiled engine: %d buckets %s ready in %.1f s", len(self.buckets), self.buckets, took)
@@ -123,18 +128,36 @@ class CompiledEngine:
         return CompiledSession(self)
 
     def forward_batch(self, forwards: list[Forward]) -> list[ForwardResult]:
-        """Each session's rows through the compiled buckets in turn (see the module doc)."""
+        """Every forward in shared passes: the projections over all sessions' rows at once when
+        they fit the largest bucket together, else each session's rows in turn."""
         sessions = [f.session for f in forwards]
         if len({id(s) for s in sessions}) != len(sessions):
             raise ValueError("forward_batch: each session may appear once")
         for s in sessions:
-            if not isinstance(s, CompiledSession) or s.engine is not self or s.keys is None:
-                raise ValueError("forward_batch: every session must be an open session of this engine")
+            if not isinstance(s, CompiledSession) or s.engine is not self:
+                raise ValueError("forward_batch: every session must be a session of this engine")
         if any(f.features is not None for f in forwards):
             raise ValueError("forward_batch: the compiled engine hosts no feature draft (features must be None)")
-        for f in forwards:
-            f.session._check(f.token_ids, f.positions, f.visible)
-        return [f.session._forward(f.token_ids, f.positions, f.visible, f.logits_for, f.hidden) for f in forwards]
+        return self._run([(f.session, f.token_ids, f.positions, f.visible, f.logits_for, f.hidden) for f in forwards])
+
+    @torch.inference_mode()
+    def _run(self, requests: list[tuple]) -> list[ForwardResult]:
+        """requests: (session, tokens, positions or None, visible or None, logits_for, hidden). Checks
+        all, runs all, then moves every session's length; one head product for every logits row."""
+        plans = [session._plan(tokens, positions, visible) for session, tokens, positions, visible, _, _ in requests]
+        if len(plans) > 1 and all(len(p) == 1 for p in plans) and sum(len(p[0].tokens) for p in plans) <= self.buckets[-1]:
+            states = self._batched([p[0] for p in plans])  # [n, H] per session
+        else:
+            states = [torch.cat([self._alone(rows) for rows in plan]) for plan in plans]
+        wanted = [h[len(h) - r[4]:] for h, r in zip(states, requests)]  # [logits_for, H] each
+        logits = self.logits(torch.cat(wanted)) if any(r[4] for r in requests) else None  # [L, V]
+        results: list[ForwardResult] = []
+        taken = 0
+        for (session, tokens, _, _, logits_for, hidden), h in zip(requests, states):
+            session.length += len(tokens)
+            results.append((logits[taken:taken + logits_for] if logits_for else None, h.cpu() if hidden else None))
+            taken += logits_for
+        return results
 
     def _take_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._free:
@@ -146,35 +169,81 @@ class CompiledEngine:
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    @torch.inference_mode()
-    def rows(self, keys: torch.Tensor, values: torch.Tensor, start: int, tokens: list[int], positions: list[int],
-             allowed: torch.Tensor) -> torch.Tensor:
-        """The last hidden states [n, H] of n <= max bucket new rows written at slots start..start+n-1.
-        allowed [n, start + n] bool: which slots each row sees."""
-        n = len(tokens)
-        b = self.bucket(n)
+    def _mask(self, rows: _Rows, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask [b, L] bool, slots [b]) of rows padded to bucket b: padding rows take the slots
+        after the real ones and see only their own."""
+        n, start = len(rows.tokens), rows.start
         span = min(-(-(start + b) // SPAN_BLOCK) * SPAN_BLOCK, self.capacity)  # L
         mask = torch.zeros(b, span, dtype=torch.bool)  # [b, L]
-        mask[:n, : start + n] = allowed
+        mask[:n, : start + n] = rows.sees
         pad = torch.arange(n, b)
-        mask[pad, start + pad] = True  # a padding row sees its own slot only
-        ids = torch.tensor(tokens + [0] * (b - n), device=self.device)  # [b]
-        position_ids = torch.tensor([positions + [0] * (b - n)], device=self.device)  # [1, b]
-        slots = torch.arange(start, start + b, device=self.device)  # [b]
-        x = torch.nn.functional.embedding(ids, self.embed)  # [b, H]
-        cos, sin = self.rotary(x, position_ids)  # [1, b, d] each
-        cos, sin, mask = cos[0], sin[0], mask.to(self.device)
+        mask[pad, start + pad] = True
+        mask = mask.to(self.device)
         if self.compiled:
             torch._dynamo.mark_dynamic(mask, 1)  # one graph for every span
+        return mask, torch.arange(start, start + b, device=self.device)
+
+    def _embed(self, tokens: list[int], positions: list[int], b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings x [b, H] and rotary cos, sin [b, d] of tokens padded to b rows."""
+        ids = torch.tensor(tokens + [0] * (b - len(tokens)), device=self.device)  # [b]
+        position_ids = torch.tensor([positions + [0] * (b - len(tokens))], device=self.device)  # [1, b]
+        x = torch.nn.functional.embedding(ids, self.embed)  # [b, H]
+        cos, sin = self.rotary(x, position_ids)  # [1, b, d] each
+        return x, cos[0], sin[0]
+
+    @torch.inference_mode()
+    def _alone(self, rows: _Rows) -> torch.Tensor:
+        """One session's rows (at most the largest bucket) through the whole-layer graph; hidden [n, H]."""
+        b = self.bucket(len(rows.tokens))
+        mask, slots = self._mask(rows, b)
+        x, cos, sin = self._embed(rows.tokens, rows.positions, b)
+        keys, values = rows.session.keys, rows.session.values
         with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
             for i, weights in enumerate(self.layers):
                 x = self._layer(x, cos, sin, keys[i], values[i], slots, mask, weights, self.shape)
             x = self._norm(x, self.norm_weight, self.shape.eps)  # [b, H]
-        return x[:n]
+        return x[: len(rows.tokens)]
+
+    @torch.inference_mode()
+    def _batched(self, batch: list[_Rows]) -> list[torch.Tensor]:
+        """Several sessions' rows (together at most the largest bucket) in one pass: the layer's
+        projections over all rows at once, attention per session; hidden [n, H] per session."""
+        ends = [0]
+        for rows in batch:
+            ends.append(ends[-1] + len(rows.tokens))
+        total = self.bucket(ends[-1])
+        x, cos, sin = self._embed([t for r in batch for t in r.tokens], [p for r in batch for p in r.positions], total)
+        attention = []  # (rows of x [b] (the last repeated as padding), mask, slots, keys, values)
+        for rows, a, e in zip(batch, ends, ends[1:]):
+            b = self.bucket(e - a)
+            index = torch.tensor(list(range(a, e)) + [e - 1] * (b - (e - a)), device=self.device)  # [b]
+            attention.append((index, *self._mask(rows, b), rows.session.keys, rows.session.values))
+        spare = torch.zeros(total - ends[-1], self.shape.heads * self.shape.head_dim, dtype=self.dtype,
+                            device=self.device)  # [total - N, heads * d]: the batch's padding rows
+        with torch._dynamo.config.patch(**_DYNAMO_CONFIG):
+            for i, weights in enumerate(self.layers):
+                q, k, v = self._inputs(x, cos, sin, weights, self.shape)  # [total, heads, d], [total, kv_heads, d] x2
+                parts = [self._attend(q[index], k[index], v[index], keys[i], values[i], slots, mask, self.shape)[: e - a]
+                         for (index, mask, slots, keys, values), a, e in zip(attention, ends, ends[1:])]
+                x = self._outputs(x, torch.cat([*parts, spare]), weights, self.shape)  # [total, H]
+            x = self._norm(x, self.norm_weight, self.shape.eps)  # [total, H]
+        return [x[a:e] for a, e in zip(ends, ends[1:])]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [l, V] on the CPU of hidden states [l, H]."""
         return project(hidden, self.head).float().cpu()
+
+
+@dataclass
+class _Rows:
+    """One session's rows for one pass (at most the largest bucket), written at slots start...;
+    sees [n, start + n] bool: which slots each row attends to."""
+
+    session: CompiledSession
+    start: int
+    tokens: list[int]
+    positions: list[int]
+    sees: torch.Tensor
 
 
 class CompiledSession:
@@ -188,17 +257,14 @@ class CompiledSession:
         self.length = 0
 
     def extend(self, token_ids: list[int], logits_for: int = 1) -> torch.Tensor:
-        self._check(token_ids, None, None)
-        return self._forward(token_ids, None, None, max(logits_for, 1), False)[0]  # [logits_for, V]
+        return self.engine._run([(self, token_ids, None, None, max(logits_for, 1), False)])[0][0]  # [logits_for, V]
 
     def extend_with_hidden(self, token_ids: list[int], logits_for: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        self._check(token_ids, None, None)
-        return self._forward(token_ids, None, None, max(logits_for, 1), True)  # [logits_for, V], [n, H]
+        return self.engine._run([(self, token_ids, None, None, max(logits_for, 1), True)])[0]  # [logits_for, V], [n, H]
 
     def extend_tree(self, token_ids: list[int], positions: list[int], visible: torch.Tensor,
                     return_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self._check(token_ids, positions, visible)
-        return self._forward(token_ids, positions, visible, len(token_ids), return_hidden)  # [n, V], [n, H]
+        return self.engine._run([(self, token_ids, positions, visible, len(token_ids), return_hidden)])[0]  # [n, V], [n, H]
 
     def keep(self, start: int, offsets: list[int]) -> None:
         if offsets and (offsets != sorted(set(offsets)) or offsets[0] < 0 or start + offsets[-1] >= self.length):
@@ -220,45 +286,35 @@ class CompiledSession:
             self.keys = self.values = None
             self.length = 0
 
-    def _check(self, token_ids: list[int], positions: list[int] | None, visible: torch.Tensor | None) -> None:
-        n = len(token_ids)
+    def _plan(self, token_ids: list[int], positions: list[int] | None, visible: torch.Tensor | None) -> list[_Rows]:
+        """Checks the rows and splits them into passes of at most the largest bucket (nothing runs)."""
+        n, start = len(token_ids), self.length
         if self.keys is None:
             raise ValueError("the session is closed")
         if n == 0:
             raise ValueError("extend: no tokens")
-        if self.length + n > self.engine.max_context_tokens:
-            raise ValueError(f"{self.length + n} tokens exceed the context window of {self.engine.max_context_tokens}")
+        if start + n > self.engine.max_context_tokens:
+            raise ValueError(f"{start + n} tokens exceed the context window of {self.engine.max_context_tokens}")
         if not all(0 <= t < self.engine.vocab_size for t in token_ids):
             raise ValueError(f"a token id outside the vocabulary of {self.engine.vocab_size}")
-        if visible is not None:
-            m = visible.shape[1]
-            if visible.shape[0] != n or not n <= m <= self.length + n or positions is None or len(positions) != n:
-                raise ValueError(f"a tree of {n} nodes needs positions [{n}] and visible [{n}, m], {n} <= m <= {self.length + n}")
-
-    def _forward(self, token_ids: list[int], positions: list[int] | None, visible: torch.Tensor | None,
-                 logits_for: int, hidden: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Appends the rows in chunks of at most the largest bucket; (logits [logits_for, V] or None,
-        hidden [n, H] or None). The length moves only once every chunk has run."""
-        engine, start, n = self.engine, self.length, len(token_ids)
         total = start + n
         if visible is None:
-            positions = list(range(start, total))
-            allowed = None  # causal, built per chunk
+            positions, allowed = list(range(start, total)), None  # causal, built per pass
         else:
+            m = visible.shape[1]
+            if visible.shape[0] != n or not n <= m <= total or positions is None or len(positions) != n:
+                raise ValueError(f"a tree of {n} nodes needs positions [{n}] and visible [{n}, m], {n} <= m <= {total}")
             allowed = torch.ones(n, total, dtype=torch.bool)  # [n, total]
-            allowed[:, total - visible.shape[1]:] = visible.bool()
-        chunk_size = engine.buckets[-1]
-        states = []
-        for a in range(0, n, chunk_size):
-            e = min(a + chunk_size, n)
+            allowed[:, total - m:] = visible.bool()
+        size = self.engine.buckets[-1]
+        plan = []
+        for a in range(0, n, size):
+            e = min(a + size, n)
             if allowed is None:
                 sees = torch.arange(start + e)[None, :] <= torch.arange(start + a, start + e)[:, None]  # [e-a, start+e]
             else:
                 if allowed[a:e, start + e:].any():
-                    raise ValueError(f"a tree of more than {chunk_size} nodes must list each node after the nodes it sees")
+                    raise ValueError(f"a tree of more than {size} nodes must list each node after the nodes it sees")
                 sees = allowed[a:e, : start + e]
-            states.append(engine.rows(self.keys, self.values, start + a, token_ids[a:e], positions[a:e], sees))
-        self.length = total
-        states = torch.cat(states) if len(states) > 1 else states[0]  # [n, H]
-        logits = engine.logits(states[n - logits_for:]) if logits_for else None  # [logits_for, V]
-        return logits, (states.cpu() if hidden else None)
+            plan.append(_Rows(self, start + a, token_ids[a:e], positions[a:e], sees))
+        return plan

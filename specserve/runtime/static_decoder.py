@@ -12,7 +12,9 @@ The cache of one layer is keys and values [kv_heads, C, head_dim] for C slots. A
 forward over b rows writes its keys and values into the slots `slots` [b] and attends
 over the first L slots with a boolean mask [b, L]: which rows see which slots is the
 caller's business (a chain, a tree, padding rows). L varies from call to call (the
-compiled graph treats it as dynamic); b is a bucket size, compiled once each.
+compiled graph treats it as dynamic); b is a bucket size, compiled once each. One
+session's forward runs `decoder_layer` whole; a batch of sessions runs its three parts:
+the projections over every session's rows at once, the attention per session.
 """
 
 from __future__ import annotations
@@ -79,26 +81,42 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def decoder_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                  slots: torch.Tensor, mask: torch.Tensor, w: LayerWeights, shape: LayerShape) -> torch.Tensor:
-    """One layer over rows x [b, H]: writes their keys/values into `slots` [b] of keys, values
-    [kv_heads, C, d] (in place), attends over the first L slots with mask [b, L] (bool), and
-    returns the new rows [b, H]."""
+def layer_inputs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: LayerWeights, shape: LayerShape
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values of rows x [b, H] at their positions (cos, sin [b, d]):
+    q [b, heads, d], k and v [b, kv_heads, d]."""
     b = x.shape[0]
     heads, kv_heads, d = shape.heads, shape.kv_heads, shape.head_dim
     qkv = project(rms_norm(x, w.input_norm, shape.eps), w.qkv)  # [b, (heads + 2 kv_heads) d]
     q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
-    q = _rotate(q.view(b, heads, d), cos, sin)  # [b, heads, d]
-    k = _rotate(k.view(b, kv_heads, d), cos, sin)  # [b, kv_heads, d]
+    return _rotate(q.view(b, heads, d), cos, sin), _rotate(k.view(b, kv_heads, d), cos, sin), v.view(b, kv_heads, d)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+           slots: torch.Tensor, mask: torch.Tensor, shape: LayerShape) -> torch.Tensor:
+    """Writes k, v [b, kv_heads, d] into `slots` [b] of keys, values [kv_heads, C, d] (in place), then
+    q [b, heads, d] attends over the first L slots with mask [b, L] (bool); [b, heads * d]."""
     keys.index_copy_(1, slots, k.transpose(0, 1))
-    values.index_copy_(1, slots, v.view(b, kv_heads, d).transpose(0, 1))
+    values.index_copy_(1, slots, v.transpose(0, 1))
     span = mask.shape[-1]
     attended = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], keys[None, :, :span], values[None, :, :span],  # [1, heads, b, d], [1, kv_heads, L, d] x2
         attn_mask=mask, scale=shape.scaling, enable_gqa=True)  # [1, heads, b, d]
-    x = x + project(attended[0].transpose(0, 1).reshape(b, heads * d), w.out)  # [b, H]
+    return attended[0].transpose(0, 1).reshape(q.shape[0], -1)
+
+
+def layer_outputs(x: torch.Tensor, attended: torch.Tensor, w: LayerWeights, shape: LayerShape) -> torch.Tensor:
+    """The rest of the layer: x [b, H] plus the projected attention [b, heads * d], then the MLP."""
+    x = x + project(attended, w.out)  # [b, H]
     gate, up = project(rms_norm(x, w.post_norm, shape.eps), w.gate_up).chunk(2, dim=-1)  # [b, I] each
     return x + project(F.silu(gate) * up, w.down)  # [b, H]
+
+
+def decoder_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  slots: torch.Tensor, mask: torch.Tensor, w: LayerWeights, shape: LayerShape) -> torch.Tensor:
+    """One whole layer over one session's rows x [b, H] (the three parts above); the new rows [b, H]."""
+    q, k, v = layer_inputs(x, cos, sin, w, shape)
+    return layer_outputs(x, attend(q, k, v, keys, values, slots, mask, shape), w, shape)
 
 
 def final_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
