@@ -3,8 +3,8 @@
 For a few chat prompts, decodes N tokens greedily with transformers' own `generate` (float32,
 the reference) and with each engine setting through its plain decoding (one token per
 forward), and prints the first position where each differs from the reference (N: the
-same for all N tokens). The prompts are the first ones of the shared Spec-Bench file, or
-built-in questions when it is absent.
+same for all N tokens). The prompts are the first ones of the shared Spec-Bench file
+(`--prompt-file`), or built-in questions when it is absent.
 
     python -m specserve.bench.compiled_drift --settings compiled:float32,compiled:bfloat16,compiled:int8,torch:bfloat16
 """
@@ -12,6 +12,7 @@ built-in questions when it is absent.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -58,12 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settings", default="compiled:float32,compiled:bfloat16,compiled:int8",
                     help="comma-separated engine:dtype pairs")
     ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--prompt-file", type=Path, default=DEFAULT_PROMPT_DIR / "spec_bench.jsonl",
+                    help="JSON Lines prompts (specserve.bench.prompts); built-in questions when absent")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     tokenizer = load_tokenizer(a.model)
-    path = DEFAULT_PROMPT_DIR / "spec_bench.jsonl"
+    path = a.prompt_file
     texts = [p.text for p in load_prompts([path])[: a.prompts]] if path.is_file() else BUILT_IN[: a.prompts]
     encoded = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True)
                for t in texts]
