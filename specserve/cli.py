@@ -70,7 +70,7 @@ def _stack_flags(parser: argparse.ArgumentParser, port: int) -> None:
     from specserve.runtime.models import DEFAULT_MODEL, default_draft_model
 
     parser.add_argument("--port", type=int, default=port, help="the orchestrator's port")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "int8"], default="auto",
                         help="weights' dtype; auto: the one whose measured cost profile serves best on this machine")
     parser.add_argument("--target-model", default=DEFAULT_MODEL)
     parser.add_argument("--draft-model", default=default_draft_model(), help="'' for no draft service")
@@ -78,7 +78,7 @@ def _stack_flags(parser: argparse.ArgumentParser, port: int) -> None:
     parser.add_argument("--default-method", default="prompt_lookup")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads per service, 0 = the engine's default (use 1 when the cores are shared with other work)")
-    parser.add_argument("--engine", choices=["auto", "torch", "llama.cpp"], default=os.environ.get("SPECSERVE_ENGINE", "auto"),
+    parser.add_argument("--engine", choices=["auto", "torch", "llama.cpp", "compiled"], default=os.environ.get("SPECSERVE_ENGINE", "auto"),
                         help="what runs the models: 'auto' = llama.cpp for GGUF models on the CPU when installed, else torch "
                              "[env SPECSERVE_ENGINE]")
     parser.add_argument("--log-dir", type=Path, default=None, help="write each service's log here")

@@ -66,16 +66,20 @@ def resolve_services(config: "StackConfig") -> dict[str, ServiceModel]:
     if config.threads:
         torch.set_num_threads(config.threads)
     engine = resolve_engine(config.engine, config.target_model, "cpu", config.dtype)
-    target = ServiceModel(engine, resolve_dtype(config.dtype, config.target_model, "target") if engine == "torch" else "auto")
+    if engine == "torch":
+        target = ServiceModel(engine, resolve_dtype(config.dtype, config.target_model, "target"))
+    else:  # compiled: as asked (auto: float32); llama.cpp: the GGUF's own types
+        target = ServiceModel(engine, config.dtype)
     services = {"target": target}
     if config.draft_model:
-        engine = resolve_engine(config.engine, config.draft_model, "cpu", config.dtype)
+        draft_dtype = "auto" if config.dtype == "int8" else config.dtype  # drafters run on torch: no int8
+        engine = resolve_engine(config.engine, config.draft_model, "cpu", draft_dtype)
         if engine != "torch":
-            services["draft"] = ServiceModel(engine, "auto")
+            services["draft"] = ServiceModel(engine, draft_dtype)
         elif target.engine == "torch":
             services["draft"] = ServiceModel(engine, target.dtype)  # the drafts read the target's states in its dtype
         else:
-            services["draft"] = ServiceModel(engine, resolve_dtype(config.dtype, config.draft_model, "draft"))
+            services["draft"] = ServiceModel(engine, resolve_dtype(draft_dtype, config.draft_model, "draft"))
     return services
 
 

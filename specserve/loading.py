@@ -12,7 +12,7 @@ import importlib.util
 
 from specserve.runtime.engine import Engine
 
-ENGINES = ("auto", "torch", "llama.cpp")
+ENGINES = ("auto", "torch", "llama.cpp", "compiled")
 
 
 def llama_cpp_available() -> bool:
@@ -38,6 +38,8 @@ def resolve_engine(engine: str, spec: str, device: str = "cpu", dtype: str = "au
 
     if spec.startswith("sim:") or is_drafter_dir(spec):
         return "torch"  # drafters and simulated models are PyTorch modules, whatever engine was asked for
+    if dtype == "int8" and engine != "compiled":
+        raise IncompatibleOptions("--dtype int8 (weight-only int8) runs on --engine compiled only")
     if engine == "llama.cpp" and dtype != "auto":
         raise IncompatibleOptions(
             f"--engine llama.cpp computes in the GGUF file's own quantized types, not in {dtype}: "
@@ -68,7 +70,12 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", engine: s
     if is_drafter_dir(spec):
         return load_drafter_engine(spec, dtype, device)
     # An explicit dtype keeps `auto` on torch (see resolve_engine); llama.cpp ignores `dtype`.
-    if resolve_engine(engine, spec, device, dtype if engine == "auto" else "auto") == "llama.cpp":
+    resolved = resolve_engine(engine, spec, device, dtype if engine == "auto" else "auto")
+    if resolved == "compiled":
+        from specserve.runtime.compiled import load_compiled
+
+        return load_compiled(spec, dtype, device)
+    if resolved == "llama.cpp":
         from specserve.runtime.llama_engine import LlamaEngine
         from specserve.runtime.models import gguf_file
 

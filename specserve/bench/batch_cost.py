@@ -2,6 +2,7 @@
 
     python -m specserve.bench.batch_cost --engine torch --dtype bfloat16 [--batches 1,4,16,64] [--prompt 64]
     python -m specserve.bench.batch_cost --engine llama.cpp
+    python -m specserve.bench.batch_cost --engine compiled --dtype int8 --batches 1,4,16
 
 Each of B sessions holds a `--prompt`-token cache; one step decodes one token for each, in one
 forward_batch, and is undone by rollback. "alone" is one session's single-token step, timed
@@ -38,10 +39,11 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--engine", default="llama.cpp", choices=["torch", "llama.cpp"])
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="the torch engine's")
+    parser.add_argument("--engine", default="llama.cpp", choices=["torch", "llama.cpp", "compiled"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "int8"],
+                        help="the torch and compiled engines' (int8: compiled only)")
     args = parser.parse_args()
-    if args.threads and args.engine == "torch":
+    if args.threads and args.engine != "llama.cpp":
         import torch
 
         torch.set_num_threads(args.threads)

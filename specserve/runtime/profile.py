@@ -73,6 +73,7 @@ class ProfileSubject:
     attention_width: float = 0.0  # layers x heads x head_dim: attention FLOPs per token pair / 4
     max_context_tokens: int = 1 << 30  # measured contexts stay within the model's window
     supports_trees: bool = True  # the target's sessions take extend_tree (else no tree table)
+    engine: str = "torch"  # the engine's name: engines differ in cost on the same model and dtype
 
 
 @dataclass
@@ -90,7 +91,7 @@ def subject_for(loaded: Engine, role: str, device: str = "cpu") -> ProfileSubjec
     model = getattr(loaded, "model", None)
     subject = ProfileSubject(name=loaded.spec, role=role, dtype=loaded.dtype_name, device=device,
                              new_session=loaded.new_session, max_context_tokens=loaded.max_context_tokens,
-                             supports_trees=loaded.supports_trees)
+                             supports_trees=loaded.supports_trees, engine=getattr(loaded, "engine_name", "torch"))
     if not isinstance(model, torch.nn.Module):
         return subject  # another engine: costs only
     size = next(model.parameters()).element_size()
@@ -237,8 +238,11 @@ def _prefill(subject: ProfileSubject, session: ForwardSession, context: int) -> 
 
 
 def cache_key(subject: ProfileSubject) -> dict:
-    return {"version": PROFILE_VERSION, "model": subject.name, "role": subject.role, "dtype": subject.dtype,
-            "device": subject.device, "threads": torch.get_num_threads(), **machine_facts()}
+    key = {"version": PROFILE_VERSION, "model": subject.name, "role": subject.role, "dtype": subject.dtype,
+           "device": subject.device, "threads": torch.get_num_threads(), **machine_facts()}
+    if subject.engine not in ("torch", "llama.cpp"):  # those two are told apart by dtype; their keys stay as they were
+        key["engine"] = subject.engine
+    return key
 
 
 def cache_path(key: dict) -> Path:

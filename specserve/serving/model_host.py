@@ -118,7 +118,12 @@ def serve_model(args, role: str, make_servicer, add_to_server, service) -> None:
     # An explicit --dtype is served as asked (torch) or refused with the flags named (llama.cpp).
     engine_name = resolve_engine(args.engine, args.model, args.device, args.dtype)
     # dtype auto measures the torch engine's choices; llama.cpp computes in the GGUF's own types.
-    dtype = resolve_dtype(args.dtype, args.model, role, args.device) if engine_name == "torch" else "auto"
+    if engine_name == "torch":
+        dtype = resolve_dtype(args.dtype, args.model, role, args.device)
+    elif engine_name == "compiled":  # its dtype as asked; auto: float32, exactly plain decoding's numerics
+        dtype = "float32" if args.dtype == "auto" else args.dtype
+    else:
+        dtype = "auto"
     engine = load_model(args.model, dtype, args.device, engine=engine_name, threads=args.threads)
     logging.info("%s serves on the %s engine: weights %s, quantization %s", args.model, engine.engine_name,
                  engine.dtype_name, engine.quantization)

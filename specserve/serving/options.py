@@ -21,11 +21,12 @@ def add_model_service_arguments(parser: argparse.ArgumentParser, role: str, port
     prefix = f"SPECSERVE_{role}_"
     parser.add_argument("--model", default=env_default(prefix + "MODEL", model),
                         help=f"model: 'smollm2', a .gguf file or a model directory [env {prefix}MODEL]")
-    parser.add_argument("--dtype", default=env_default("SPECSERVE_DTYPE", "auto"), choices=["auto", "float32", "bfloat16"],
+    parser.add_argument("--dtype", default=env_default("SPECSERVE_DTYPE", "auto"), choices=["auto", "float32", "bfloat16", "int8"],
                         help="weights' dtype; auto: the one whose measured cost profile serves best here [env SPECSERVE_DTYPE]")
-    parser.add_argument("--engine", default=env_default("SPECSERVE_ENGINE", "auto"), choices=["auto", "torch", "llama.cpp"],
+    parser.add_argument("--engine", default=env_default("SPECSERVE_ENGINE", "auto"), choices=["auto", "torch", "llama.cpp", "compiled"],
                         help="what runs the model: 'auto' = llama.cpp for a GGUF model on the CPU when installed and "
-                             "--dtype is auto, else torch; llama.cpp with an explicit --dtype is refused [env SPECSERVE_ENGINE]")
+                             "--dtype is auto, else torch; llama.cpp with an explicit --dtype is refused; 'compiled': "
+                             "torch.compile over static caches (--dtype int8 too) [env SPECSERVE_ENGINE]")
     parser.add_argument("--device", default=env_default("SPECSERVE_DEVICE", "cpu"), help="torch device [env SPECSERVE_DEVICE]")
     parser.add_argument("--host", default=env_default("SPECSERVE_HOST", "127.0.0.1"), help="address to listen on [env SPECSERVE_HOST]")
     parser.add_argument("--port", type=int, default=env_default(prefix + "PORT", port), help=f"port [env {prefix}PORT]")
