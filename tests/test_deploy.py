@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import kubernetes_validate
@@ -88,11 +89,17 @@ def test_kubernetes_discovery_and_probes_fit_the_services():
 
 
 def compose(*names: str) -> dict:
-    """The compose files merged as `docker compose -f a -f b` does for the keys they use."""
+    """The compose files merged as `docker compose -f a -f b` does for the keys they use, their
+    variables interpolated as with none set in the environment (each `${NAME:-default}` its default)."""
     merged: dict = {}
     for name in names:
-        _merge(merged, yaml.safe_load((ROOT / name).read_text()))
+        _merge(merged, yaml.safe_load(interpolate((ROOT / name).read_text())))
     return merged
+
+
+def interpolate(text: str) -> str:
+    assert "$$" not in text and not re.search(r"\$(?!\{[A-Z0-9_]+:-[^}]*\})", text), "only ${NAME:-default} is used"
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", lambda match: match.group(1), text)
 
 
 def _merge(into: dict, other: dict) -> None:
@@ -110,6 +117,10 @@ def test_compose_files_follow_the_compose_specification(files):
     for name in ("target", "draft", "orchestrator"):
         check = spec["services"][name]["healthcheck"]["test"]
         assert check[:3] == ["CMD", "specserve", "health"]
+    # Nothing from an image registry but the base: every service runs the image the Dockerfile builds.
+    for name, service in spec["services"].items():
+        assert service["build"]["context"] == ".", name
+        assert service["image"].startswith("specserve:"), name
 
 
 def test_the_compose_validator_rejects_what_the_specification_forbids():
