@@ -120,6 +120,11 @@ def stack(expected, request):
             chat(stub, "Say hello.", 8, on_text=lambda _: first or first.append(time.monotonic()))
         timings["up_to_first_token_s"] = first[0] - started
         wait_http_ok(f"http://127.0.0.1:{stack.http_port}/health", 120)
+    except BaseException:
+        stack.logs()
+        stack.compose("down", "--volumes", "--remove-orphans", "--timeout", "10")
+        raise
+    try:
         yield stack
     finally:
         if request.session.testsfailed:

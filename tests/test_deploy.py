@@ -7,12 +7,16 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
 from compose_spec import PyCompose
+
+from specserve.launcher import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -136,3 +140,13 @@ def test_the_kubernetes_validator_rejects_what_the_schemas_forbid():
     deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = "not a port"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_healthcheck_answers_quickly_without_loading_torch(tiny_stack):
+    """`specserve health`, the compose healthcheck, runs every few seconds within a timeout: it must
+    not pay for importing torch and transformers (seconds on a busy machine)."""
+    code = ("import sys; from specserve.cli import main; rc = main(['health', sys.argv[1]]); "
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]; sys.exit(rc)")
+    assert subprocess.run([sys.executable, "-c", code, tiny_stack.address], timeout=60).returncode == 0
+    nothing_there = f"127.0.0.1:{free_port()}"
+    assert subprocess.run([sys.executable, "-c", code, nothing_there], timeout=60).returncode == 1
