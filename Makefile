@@ -15,7 +15,19 @@ LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DGGML_LLAMAFILE=OFF -DCMAKE_C_FLAGS='$
 CPU_KEY := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null; echo '$(LLAMA_CPP_CMAKE_ARGS)') | md5sum | cut -c1-12)
 WHEELS ?= $(HOME)/.cache/specserve/wheels/$(CPU_KEY)
 
-.PHONY: install llama-cpp demo test test-fast fuzz soak protos up clean
+.PHONY: install llama-cpp system-deps system-deps-demo demo test test-fast fuzz soak protos up compose-test clean
+
+# Debian packages the commands need, installed when their command is missing (as root: apt-get;
+# otherwise the exact command to run is printed and make stops). The demo needs redis-server
+# (the shared n-gram pool); the tests also need chromium (the gateway's page, headless).
+DEMO_SYSTEM_DEPS := redis-server
+TEST_SYSTEM_DEPS := redis-server chromium
+
+system-deps:
+	@bash deploy/system-deps.sh $(TEST_SYSTEM_DEPS)
+
+system-deps-demo:
+	@bash deploy/system-deps.sh $(DEMO_SYSTEM_DEPS)
 
 install: $(VENV)/.installed
 
@@ -41,17 +53,17 @@ llama-cpp:
 	$(BIN)/python -m pip uninstall --quiet --yes llama-cpp-python
 	$(BIN)/python -m pip install --quiet --find-links $(WHEELS) --only-binary llama-cpp-python llama-cpp-python==$(LLAMA_CPP_VERSION)
 
-demo: install
+demo: system-deps-demo install
 	$(BIN)/specserve demo
 
-test: install
+test: system-deps install
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: system-deps install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # 10,000 fuzzed requests against the API and 10,000 raw payloads against each service's wire.
-fuzz: install
+fuzz: system-deps install
 	SPECSERVE_FUZZ_EXAMPLES=10000 $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 # SOAK_MINUTES of SOAK_STREAMS streams at the session limit; figures in RELIABILITY.md.
@@ -60,10 +72,16 @@ SOAK_STREAMS ?= 16
 soak: install
 	$(BIN)/python -m specserve.bench.soak --minutes $(SOAK_MINUTES) --streams $(SOAK_STREAMS) --out soak.json
 
+# docker-compose.yml in a real Docker engine (installed from Debian and started when missing): the
+# base image from Debian packages, the project's image, the stack up, replicas, a replica killed
+# mid-stream, everything taken down again (deploy/compose-test.sh). Not part of `make test`.
+compose-test: install
+	PYTHON=$(BIN)/python bash deploy/compose-test.sh
+
 protos: install
 	$(BIN)/python -m specserve.protogen
 
-up: install
+up: system-deps-demo install
 	$(BIN)/specserve up
 
 clean:

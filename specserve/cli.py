@@ -209,11 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("health", help="check a server's gRPC health; exit 0 when SERVING (for container healthchecks)")
-    p.add_argument("address", nargs="?", default="127.0.0.1:50051")
-    p.add_argument("--service", default="", help="a service name; '' = the server as a whole")
-    p.add_argument("--timeout", type=float, default=2.0)
-    p.set_defaults(func=cmd_health)
+    _add_health_command(sub)
 
     p = sub.add_parser("prepare-model", help="convert a model once to the local safetensors cache; print its directory")
     p.add_argument("model", nargs="?", default="smollm2")
@@ -221,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_optional_commands(sub)
     return parser
+
+
+def _add_health_command(sub) -> None:
+    p = sub.add_parser("health", help="check a server's gRPC health; exit 0 when SERVING (for container healthchecks)")
+    p.add_argument("address", nargs="?", default="127.0.0.1:50051")
+    p.add_argument("--service", default="", help="a service name; '' = the server as a whole")
+    p.add_argument("--timeout", type=float, default=2.0)
+    p.set_defaults(func=cmd_health)
 
 
 def _add_optional_commands(sub) -> None:
@@ -239,6 +243,15 @@ def _add_optional_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["health"]:
+        # A container's healthcheck, every few seconds: parsed without importing every command's
+        # module (torch and transformers alone take seconds to import on a busy machine).
+        parser = argparse.ArgumentParser(prog="specserve")
+        _add_health_command(parser.add_subparsers(dest="command", required=True))
+        args = parser.parse_args(argv)
+        return args.func(args)
+
     from specserve.runtime.models import ModelUnavailable
 
     args = build_parser().parse_args(argv)

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
 from compose_spec import PyCompose
+
+from specserve.launcher import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -88,11 +93,17 @@ def test_kubernetes_discovery_and_probes_fit_the_services():
 
 
 def compose(*names: str) -> dict:
-    """The compose files merged as `docker compose -f a -f b` does for the keys they use."""
+    """The compose files merged as `docker compose -f a -f b` does for the keys they use, their
+    variables interpolated as with none set in the environment (each `${NAME:-default}` its default)."""
     merged: dict = {}
     for name in names:
-        _merge(merged, yaml.safe_load((ROOT / name).read_text()))
+        _merge(merged, yaml.safe_load(interpolate((ROOT / name).read_text())))
     return merged
+
+
+def interpolate(text: str) -> str:
+    assert "$$" not in text and not re.search(r"\$(?!\{[A-Z0-9_]+:-[^}]*\})", text), "only ${NAME:-default} is used"
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", lambda match: match.group(1), text)
 
 
 def _merge(into: dict, other: dict) -> None:
@@ -110,6 +121,10 @@ def test_compose_files_follow_the_compose_specification(files):
     for name in ("target", "draft", "orchestrator"):
         check = spec["services"][name]["healthcheck"]["test"]
         assert check[:3] == ["CMD", "specserve", "health"]
+    # Nothing from an image registry but the base: every service runs the image the Dockerfile builds.
+    for name, service in spec["services"].items():
+        assert service["build"]["context"] == ".", name
+        assert service["image"].startswith("specserve:"), name
 
 
 def test_the_compose_validator_rejects_what_the_specification_forbids():
@@ -125,3 +140,13 @@ def test_the_kubernetes_validator_rejects_what_the_schemas_forbid():
     deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = "not a port"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_healthcheck_answers_quickly_without_loading_torch(tiny_stack):
+    """`specserve health`, the compose healthcheck, runs every few seconds within a timeout: it must
+    not pay for importing torch and transformers (seconds on a busy machine)."""
+    code = ("import sys; from specserve.cli import main; rc = main(['health', sys.argv[1]]); "
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]; sys.exit(rc)")
+    assert subprocess.run([sys.executable, "-c", code, tiny_stack.address], timeout=60).returncode == 0
+    nothing_there = f"127.0.0.1:{free_port()}"
+    assert subprocess.run([sys.executable, "-c", code, nothing_there], timeout=60).returncode == 1
