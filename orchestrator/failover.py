@@ -250,10 +250,16 @@ class FailoverDraftProposer:
         return bool(getattr(self.inner, "drafts_trees", False))
 
     async def propose(self, sequence: list[int], k: int, nodes: int | None = None) -> Proposal:
-        if self.inner is None and not await self._reopen():
-            return Proposal([])
-        proposing = self.inner.propose(sequence, k) if nodes is None else self.inner.propose(sequence, k, nodes=nodes)
-        return await self._op(proposing, Proposal([]))
+        # A replica lost mid-op: the same proposal is asked of another at once, so the step
+        # proposes what it would have (a seeded sampled request then draws as without the fault).
+        for _ in range(2):
+            if self.inner is None and not await self._reopen():
+                return Proposal([])
+            proposing = self.inner.propose(sequence, k) if nodes is None else self.inner.propose(sequence, k, nodes=nodes)
+            proposal = await self._op(proposing, None)
+            if proposal is not None:
+                return proposal
+        return Proposal([])
 
     async def speculate(self, sequence: list[int], proposal: Proposal, outcomes: list[OutcomeRequest], k: int) -> Speculation:
         """Drafting ahead (RemoteDraftProposer.speculate); with no draft replica, or when the replica

@@ -31,19 +31,28 @@ PROMPTS = [
 LONG = 400  # tokens per stream: long enough that a kill lands mid-stream
 
 
-@pytest.fixture(scope="module")
-def replicated_stack(tiny_target_dir, tiny_draft_dir, tmp_path_factory):
-    config = StackConfig(
+def _replicated(tiny_target_dir, tiny_draft_dir, tmp_path_factory) -> StackConfig:
+    return StackConfig(
         target_model=str(tiny_target_dir), draft_model=str(tiny_draft_dir), dtype="float32", port=0, redis="off",
         default_method="draft_model", threads=1, target_replicas=2, draft_replicas=2,
         log_dir=tmp_path_factory.mktemp("replicated-stack-logs"),
         extra_env={"SPECSERVE_CACHE": str(tmp_path_factory.mktemp("replicated-stack-cache"))},  # cost profiles of tmp models
     )
-    with Stack(config) as stack:
+
+
+@pytest.fixture(scope="module")
+def replicated_stack(tiny_target_dir, tiny_draft_dir, tmp_path_factory):
+    with Stack(_replicated(tiny_target_dir, tiny_draft_dir, tmp_path_factory)) as stack:
         yield stack
 
 
-def _streams(address: str, method: str, kill=None) -> list:
+@pytest.fixture
+def fresh_replicated_stack(tiny_target_dir, tiny_draft_dir, tmp_path_factory):
+    with Stack(_replicated(tiny_target_dir, tiny_draft_dir, tmp_path_factory)) as stack:
+        yield stack
+
+
+def _streams(address: str, method: str, kill=None, **sampling) -> list:
     """Runs one greedy stream per prompt concurrently; `kill()` runs once every stream has
     produced its first tokens. The results, in prompt order."""
     started = concurrent.futures.ThreadPoolExecutor(len(PROMPTS))
@@ -54,7 +63,7 @@ def _streams(address: str, method: str, kill=None) -> list:
         with channel:
             def seen(_text, i=i):
                 first_tokens[i] += 1
-            return generate(stub, build_request(prompt=PROMPTS[i], method=method, max_new_tokens=LONG),
+            return generate(stub, build_request(prompt=PROMPTS[i], method=method, max_new_tokens=LONG, **sampling),
                             on_text=seen, timeout_s=300)
 
     futures = [started.submit(run, i) for i in range(len(PROMPTS))]
@@ -86,6 +95,20 @@ def test_streams_survive_a_killed_target_and_a_killed_draft(replicated_stack):
         again = _streams(stack.address, method)
         assert [r.token_ids for r in again] == expected[method]
         assert [r.stats.failovers for r in again] == [0] * len(PROMPTS)
+
+
+def test_seeded_sampled_streams_survive_a_killed_replica_token_for_token(fresh_replicated_stack):
+    """Each op draws from a stream keyed by the request's seed and its position, so the op sent
+    again to the replica that took over draws what the first attempt would have."""
+    stack = fresh_replicated_stack
+    sampled = dict(temperature=0.9, top_p=0.95, seed=5)
+    expected = [r.token_ids for r in _streams(stack.address, "draft_model", **sampled)]
+    victims = [stack.process("target-0"), stack.process("draft-0")]
+    results = _streams(stack.address, "draft_model", kill=lambda: [v.send_signal(signal.SIGKILL) for v in victims],
+                       **sampled)
+    assert sum(r.stats.failovers for r in results) >= 1
+    assert [r.token_ids for r in results] == expected
+    assert any(r.stats.accepted_tokens for r in results)  # the draft proposed, and the sampler kept some
 
 
 def _open_sessions(address: str, n: int) -> tuple[grpc.Channel, list[queue.Queue]]:
