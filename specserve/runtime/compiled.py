@@ -159,7 +159,10 @@ class CompiledEngine:
             taken += logits_for
         return results
 
+    @torch.inference_mode()
     def _take_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A free cache; made in inference mode, as every graph input is (a tensor made outside
+        it carries another dispatch key, and would compile the graphs again)."""
         if self._free:
             return self._free.pop()
         shape = (len(self.layers), self.shape.kv_heads, self.capacity, self.shape.head_dim)
@@ -266,6 +269,7 @@ class CompiledSession:
                     return_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.engine._run([(self, token_ids, positions, visible, len(token_ids), return_hidden)])[0]  # [n, V], [n, H]
 
+    @torch.inference_mode()
     def keep(self, start: int, offsets: list[int]) -> None:
         if offsets and (offsets != sorted(set(offsets)) or offsets[0] < 0 or start + offsets[-1] >= self.length):
             raise ValueError(f"keep({start}, {offsets}): offsets must ascend within the {self.length} cached tokens")
