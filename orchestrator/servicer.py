@@ -101,8 +101,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             if job.method == pb.LOOKAHEAD:
                 costs = costs_of(self.upstreams.target_info) if self.limits.speculation_control == "cost" else None
                 steps = decode_lookahead(target, decoding, job.lookahead, pool, costs.verify_chain if costs else None)
-            elif (job.method == pb.DRAFT_MODEL and not synchronous_reason
-                  and (job.async_draft == "on" or (job.async_draft == "auto" and not self._shared_cores()))):
+            elif job.method == pb.DRAFT_MODEL and job.async_draft != "off" and not synchronous_reason:
                 ahead = AheadStats()
                 steps = decode_ahead(target, proposer, decoding, self._ahead_planner(job), ahead, self._outcome_budget())
             else:
@@ -148,7 +147,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                             lossy=job.lossy,
                             failovers=target.failovers + getattr(proposer, "failovers", 0),
                             async_draft=ahead is not None and ahead.pipelined_steps > 0,
-                            synchronous_reason=synchronous_reason,
+                            synchronous_reason=synchronous_reason or (
+                                "auto: no step was expected to be faster drafting ahead"
+                                if ahead is not None and not ahead.pipelined_steps and job.async_draft == "auto" else ""),
                             **(_ahead_fields(ahead) if ahead is not None else {}),
                             step_timings=[
                                 pb.StepTiming(wall_ms=s.wall_ms, compute_ms=s.compute_ms, proposed=s.proposed, accepted=s.accepted)
@@ -190,6 +191,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         if getattr(proposer, "needs_target_hidden_states", False) or not hasattr(proposer, "speculate"):
             return ("the draft service hosts a feature draft, which drafts from the target's hidden states of "
                     "verified tokens and so cannot draft ahead of a verdict")
+        if job.async_draft == "auto" and self._shared_cores():
+            return ("auto: target and draft compute on one CPU (taken to share its cores), where drafting ahead "
+                    "buys little; ASYNC_DRAFT_ON drafts ahead anyway")
         return ""
 
     def _shared_cores(self) -> bool:

@@ -225,12 +225,15 @@ def test_greedy_output_through_the_stack_equals_autoregressive(ahead_stack, prom
         for k in (1, 4):
             result = run(stub, prompt=prompt, method="draft_model", async_draft=mode, num_speculative_tokens=k)
             assert result.token_ids == plain.token_ids, (mode, k)
-            assert result.stats.stale_outcomes == 0 and result.stats.synchronous_reason == ""
+            assert result.stats.stale_outcomes == 0
+            if mode == "auto":  # target and draft on this machine's CPU: auto runs synchronously, and says why
+                assert not result.stats.async_draft and "share its cores" in result.stats.synchronous_reason
             if mode == "on":
                 assert result.stats.async_draft and result.stats.outcomes_drafted > 0
                 assert 0 <= result.stats.draft_exposed_ms <= result.stats.draft_compute_ms
             if mode == "off":
                 assert not result.stats.async_draft and result.stats.outcomes_drafted == 0
+                assert result.stats.synchronous_reason == ""
     hits = run(stub, prompt=prompt, method="draft_model", async_draft="on").stats.outcome_hits
     assert hits > 0  # the perturbed draft's guesses often match
 
