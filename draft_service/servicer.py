@@ -73,8 +73,8 @@ class DraftServicer(SessionServicer, draft_pb2_grpc.DraftServiceServicer):
         k = speculate.num_tokens
         branches = await self.host.run_op(speculate_op(worker, speculate.committed_len, list(speculate.token_ids),
                                                        speculate.proposal_len, outcomes, k), worker)
-        drafted = await asyncio.gather(*(self.host.run_op(branch_op(worker, branch, k), worker) for branch in branches),
-                                       return_exceptions=True)
+        drafting = [self.host.run_op(branch_op(worker, branch, k), worker) for branch in branches if not branch.drafted]
+        drafted = await asyncio.gather(*drafting, return_exceptions=True)
         failed = next((error for error in drafted if isinstance(error, BaseException)), None)
         if failed is not None:
             raise failed

@@ -109,7 +109,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             if job.method == pb.LOOKAHEAD:
                 costs = costs_of(self.upstreams.target_info) if self.limits.speculation_control == "cost" else None
                 steps = decode_lookahead(target, decoding, job.lookahead, pool, costs.verify_chain if costs else None)
-            elif job.async_draft != "off" and not synchronous_reason and job.method == pb.DRAFT_MODEL:
+            elif job.method == pb.DRAFT_MODEL and job.async_draft != "off" and not synchronous_reason:
                 ahead = AheadStats()
                 steps = decode_ahead(target, proposer, decoding, self._ahead_planner(job), ahead, self._outcome_budget())
             else:
@@ -157,7 +157,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                             draft=serving_model(getattr(proposer, "replica", None)),
                             failovers=target.failovers + getattr(proposer, "failovers", 0),
                             async_draft=ahead is not None and ahead.pipelined_steps > 0,
-                            synchronous_reason=synchronous_reason,
+                            synchronous_reason=synchronous_reason or (
+                                "auto: no step was expected to be faster drafting ahead"
+                                if ahead is not None and not ahead.pipelined_steps and job.async_draft == "auto" else ""),
                             **(_ahead_fields(ahead) if ahead is not None else {}),
                             step_timings=[
                                 pb.StepTiming(wall_ms=s.wall_ms, compute_ms=s.compute_ms, proposed=s.proposed, accepted=s.accepted)
@@ -199,15 +201,22 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         if getattr(proposer, "needs_target_hidden_states", False) or not hasattr(proposer, "speculate"):
             return ("the draft service hosts a feature draft, which drafts from the target's hidden states of "
                     "verified tokens and so cannot draft ahead of a verdict")
+        if job.async_draft == "auto" and self._shared_cores():
+            return ("auto: target and draft compute on one CPU (taken to share its cores), where drafting ahead "
+                    "buys little; ASYNC_DRAFT_ON drafts ahead anyway")
         return ""
+
+    def _shared_cores(self) -> bool:
+        """Target and draft both compute on the CPU, of one model: taken to share its cores, where
+        drafting ahead buys little (asynchronous drafting's auto stays synchronous)."""
+        target, draft = self.upstreams.target_info, self.upstreams.draft_info
+        return target.device == draft.device == "cpu" and target.cost_profile.cpu == draft.cost_profile.cpu != ""
 
     def _ahead_planner(self, job: requests.Job) -> AheadPlanner:
         up = self.upstreams
-        target, draft = up.target_info, up.draft_info
-        # Both on the CPU of one model: taken to share its cores (asynchronous drafting's auto stays off).
-        shared = (target.device == draft.device == "cpu" and target.cost_profile.cpu == draft.cost_profile.cpu != "")
-        return AheadPlanner(job.async_draft, job.k, self.limits.max_speculative_tokens, costs_of(target), costs_of(draft),
-                            up.target_round_trip_ms, up.draft_round_trip_ms, fixed=job.fixed_length, shared_cores=shared)
+        return AheadPlanner(job.async_draft, job.k, self.limits.max_speculative_tokens, costs_of(up.target_info),
+                            costs_of(up.draft_info), up.target_round_trip_ms, up.draft_round_trip_ms, fixed=job.fixed_length,
+                            shared_cores=self._shared_cores())
 
     def _outcome_budget(self) -> int:
         """Outcomes drafted ahead per step: the server's limit when the draft batches them into shared

@@ -85,13 +85,14 @@ async def decode_ahead(target: TargetSession, proposer: AheadProposer, request: 
                 if min(k, remaining - 1) > 0:  # drafted now: on the critical path
                     passes = proposer.forward_passes
                     proposal = await proposer.propose(sequence, min(k, remaining - 1))
-                    exposed_ms = draft_ms = proposer.last_compute_ms
-                    planner.observe_draft(draft_ms, proposer.forward_passes - passes, ahead=False)
+                    if proposal.tokens:  # (none: no draft replica answered)
+                        exposed_ms = draft_ms = proposer.last_compute_ms
+                        planner.observe_draft(draft_ms, proposer.forward_passes - passes, ahead=False)
             n = len(proposal.tokens)
             verifying = asyncio.ensure_future(target.verify(len(sequence) - 1, [sequence[-1], *proposal.tokens], proposal.probs))
             k_ahead = min(plan.k_ahead, remaining - n - 2)  # after all n accepted and a bonus, a proposal of k_ahead still fits
             if plan.pipelined and k_ahead >= 1:
-                outcomes = choose_outcomes(n, planner.acceptance, max_outcomes)
+                outcomes = choose_outcomes(n, planner.acceptance, planner.outcome_budget(max_outcomes))
                 # A copy: the record grows with the verdict while the draft drafts ahead.
                 speculating = asyncio.ensure_future(proposer.speculate(list(sequence), proposal, outcomes, k_ahead))
             await _let_start()  # the ops go out before this step's other work
@@ -124,9 +125,11 @@ async def decode_ahead(target: TargetSession, proposer: AheadProposer, request: 
                 wait_ms = (time.perf_counter() - waited) * 1e3
                 draft_ms += speculation.compute_ms
                 exposed_ms += min(wait_ms, speculation.compute_ms)
-                planner.observe_draft(speculation.compute_ms, k_ahead + 1, ahead=True)
+                if speculation.outcomes:  # (none: the draft replica was lost meanwhile)
+                    planner.observe_draft(speculation.compute_ms, k_ahead + 1, ahead=True)
                 hit, stale = match_outcome(speculation.outcomes, verdict, len(sequence))
                 ready = hit.proposal if hit is not None else None
+                planner.observe_outcomes(len(speculation.outcomes), None if hit is None else speculation.outcomes.index(hit))
                 ahead.pipelined_steps += 1
                 ahead.outcomes_drafted += len(speculation.outcomes)
                 ahead.outcome_hits += hit is not None

@@ -37,6 +37,12 @@ PRIOR_ACCEPTANCE = 0.6
 PRIOR_WEIGHT = 2.0  # in examined positions
 ACCEPTANCE_DECAY = 0.95  # per verdict
 PLAN_K_MAX = 12  # the longest proposal a plan considers
+# Outcomes beside the likeliest are drafted while they earn their keep: once this many (decayed)
+# were drafted and fewer than EXTRA_MIN_HIT_RATE of them matched a verdict, only the likeliest is,
+# with the full budget again every EXTRA_PROBE_EVERY steps.
+EXTRA_EVIDENCE = 8.0
+EXTRA_MIN_HIT_RATE = 0.03
+EXTRA_PROBE_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,10 @@ class AheadPlanner:
         self.draft_pass_ms = {False: _Mean(), True: _Mean()}  # per draft forward pass: fresh / ahead
         self._examined = 0.0
         self._accepted = 0.0
+        self._extra_drafted = 0.0  # outcomes drafted beside the likeliest (decayed), and those a verdict matched
+        self._extra_hits = 0.0
+        self._steps_since_probe = 0
+        self._extras_off = False
 
     # ---- measurements ------------------------------------------------------------------
     def observe_verdict(self, proposal_len: int, accepted: int) -> None:
@@ -95,6 +105,26 @@ class AheadPlanner:
     def observe_draft(self, ms: float, passes: int, ahead: bool) -> None:
         if passes > 0:
             self.draft_pass_ms[ahead].add(ms / passes)
+
+    def observe_outcomes(self, drafted: int, matched: int | None) -> None:
+        """A step's outcomes: how many were drafted, and the index of the one the verdict matched."""
+        extra_hit = matched is not None and matched > 0
+        self._extra_drafted = ACCEPTANCE_DECAY * self._extra_drafted + max(drafted - 1, 0)
+        self._extra_hits = ACCEPTANCE_DECAY * self._extra_hits + (1.0 if extra_hit else 0.0)
+        if extra_hit:
+            self._extras_off = False
+
+    def outcome_budget(self, limit: int) -> int:
+        """Outcomes to draft ahead this step, at most `limit` (see EXTRA_EVIDENCE)."""
+        self._steps_since_probe += 1
+        if self._extra_drafted >= EXTRA_EVIDENCE:
+            self._extras_off = self._extra_hits < EXTRA_MIN_HIT_RATE * self._extra_drafted
+        if not self._extras_off:
+            return limit
+        if self._steps_since_probe >= EXTRA_PROBE_EVERY:
+            self._steps_since_probe = 0
+            return limit
+        return 1
 
     @property
     def acceptance(self) -> float:

@@ -4,7 +4,7 @@ status -> OpenAI-style HTTP errors. No HTTP or gRPC I/O here: plain data in, pla
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -45,6 +45,7 @@ class Speculation(BaseModel):
     num_speculative_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     fixed_length: bool = False
     tree_nodes: int | None = Field(None, ge=0, le=UINT32_MAX)
+    async_draft: Literal["off", "on", "auto"] | None = None  # draft the next step while the target verifies
 
 
 class StreamOptions(BaseModel):
@@ -205,6 +206,8 @@ def _speculation(params: Speculation | None) -> pb.SpeculationParams:
     if params.tree_nodes is not None:
         speculation.tree_nodes = params.tree_nodes
     speculation.fixed_length = params.fixed_length
+    if params.async_draft is not None:
+        speculation.async_draft = pb.AsyncDraft.Value(f"ASYNC_DRAFT_{params.async_draft.upper()}")
     return speculation
 
 
@@ -227,6 +230,7 @@ def speculation_stats(stats: pb.GenerationStats) -> dict[str, Any]:
         "draft_forward_passes": stats.draft_forward_passes,
         "time_to_first_token_ms": stats.time_to_first_token_ms,
         "wall_time_ms": stats.wall_time_ms,
+        "async_draft": stats.async_draft,  # some step was drafted while the target verified the one before
     }
 
 

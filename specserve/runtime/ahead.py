@@ -48,6 +48,10 @@ class Branch:
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # position -> logits [V_out] its proposal came from
 
     @property
+    def drafted(self) -> bool:
+        return bool(self.proposal)
+
+    @property
     def context_len(self) -> int:
         """The length of the sequence the proposal follows (its accepted tokens and guess included)."""
         return len(self.held) - len(self.proposal)
@@ -55,10 +59,10 @@ class Branch:
 
 def speculate_op(worker: DraftWorker, committed_len: int, token_ids: list[int], proposal_len: int,
                  outcomes: list[tuple[int, int]], k: int) -> Op[list[Branch]]:
-    """Steps 1 of the module doc; outcomes: (accepted, guesses) likeliest first. Returns the
-    branches to draft (the session's own first), for `branch_op`; an outcome whose guesses the
-    draft cannot make (no ranking of that position) or cannot draft beside the first (an engine
-    without `fork`) is left out."""
+    """Step 1 of the module doc; outcomes: (accepted, guesses) likeliest first. Returns the
+    branches (the session's own first), to draft with `branch_op` unless already `drafted` (a lone
+    branch is drafted here); an outcome whose guesses the draft cannot make (no ranking of that
+    position) or cannot draft beside the first (an engine without `fork`) is left out."""
     worker._check_started()
     if not worker.sampling.greedy:
         raise InvalidArgument("speculate: drafting ahead serves greedy sessions only; sampled requests draft synchronously")
@@ -105,6 +109,8 @@ def speculate_op(worker: DraftWorker, committed_len: int, token_ids: list[int], 
     worker.held = list(branches[0].held)
     worker.scores = {}
     worker.branches = branches[1:]
+    if len(branches) == 1:  # nothing to draft beside it: drafted here, with no trip back to the service
+        yield from branch_op(worker, branches[0], k)
     return branches
 
 

@@ -84,7 +84,8 @@ class LocalDraftProposer:
         asked = [(o.accepted, o.guesses) for o in outcomes]
         branches = run_alone(speculate_op(self.worker, committed, append, len(proposal.tokens), asked, k))
         for branch in branches:
-            run_alone(branch_op(self.worker, branch, k))
+            if not branch.drafted:
+                run_alone(branch_op(self.worker, branch, k))
         self.tracker.record_ahead(sequence, self.worker.held)
         self.last_compute_ms = (time.perf_counter() - began) * 1e3
         found = [Outcome(b.accepted, b.token, b.context_len, Proposal(b.proposal)) for b in branches]
