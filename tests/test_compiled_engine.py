@@ -196,9 +196,9 @@ def compiled_stack(tmp_path_factory):
 
 def test_speculation_through_the_services_equals_plain_decoding(compiled_stack):
     for content, max_new_tokens in ((QUESTION, 32), (REWRITE, 64)):
-        def chat(method):
+        def chat(method, **speculation):
             request = build_request(messages=[{"role": "user", "content": content}], method=method,
-                                    max_new_tokens=max_new_tokens)
+                                    max_new_tokens=max_new_tokens, **speculation)
             return generate(compiled_stack, request, timeout_s=600)
 
         plain = chat("autoregressive")
@@ -209,6 +209,7 @@ def test_speculation_through_the_services_equals_plain_decoding(compiled_stack):
             assert lookup.stats.target_forward_passes < lookup.stats.generated_tokens
         if default_draft_model() is not None:
             # The shipped feature draft reads the compiled target's hidden states and drafts trees.
-            drafted = chat("draft_model")
+            # A fixed K: where verify rows cost more than a little the controller decodes plainly.
+            drafted = chat("draft_model", num_speculative_tokens=4, fixed_length=True)
             assert drafted.token_ids == plain.token_ids
             assert drafted.stats.accepted_tokens > 0
