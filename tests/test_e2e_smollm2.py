@@ -50,8 +50,9 @@ def reference():
     return greedy
 
 
-def chat(stub, content, method, max_new_tokens):
-    request = build_request(messages=[{"role": "user", "content": content}], method=method, max_new_tokens=max_new_tokens)
+def chat(stub, content, method, max_new_tokens, **speculation):
+    request = build_request(messages=[{"role": "user", "content": content}], method=method, max_new_tokens=max_new_tokens,
+                            **speculation)
     return generate(stub, request, timeout_s=600)
 
 
@@ -62,7 +63,10 @@ def test_every_method_equals_transformers_greedy(smollm2_stack, reference, conte
     assert plain.token_ids == expected
     drafted = chat(smollm2_stack, content, "draft_model", max_new_tokens)
     assert drafted.token_ids == expected
-    assert drafted.stats.accepted_tokens > 0  # the shipped draft agrees with the target at times
+    # A fixed K: the controller may, on its record and the measured costs, decode plainly after a probe.
+    fixed = chat(smollm2_stack, content, "draft_model", max_new_tokens, num_speculative_tokens=4, fixed_length=True)
+    assert fixed.token_ids == expected
+    assert fixed.stats.accepted_tokens > 0  # the shipped draft agrees with the target at times
     lookup = chat(smollm2_stack, content, "prompt_lookup", max_new_tokens)
     assert lookup.token_ids == expected
     if content is REWRITE:
