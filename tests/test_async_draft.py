@@ -21,7 +21,7 @@ from specserve.core.async_plan import AheadPlanner
 from specserve.core.controller import CostPoint, CostProfile, CostTable
 from specserve.core.outcomes import Outcome, OutcomeRequest, Speculation, choose_outcomes
 from specserve.core.sampling import SamplingConfig
-from specserve.core.speculate import DecodeRequest, Proposal, decode
+from specserve.core.speculate import DecodeRequest, decode
 from specserve.launcher import Stack, StackConfig
 from specserve.loading import load_model
 from specserve.runtime.ahead import branch_op, speculate_op
