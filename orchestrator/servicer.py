@@ -196,8 +196,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         if job.method != pb.DRAFT_MODEL:
             return "asynchronous drafting applies to DRAFT_MODEL only"
         if not job.sampling.greedy:
-            return ("sampled requests draft synchronously: drafting ahead keeps the output exact for greedy "
-                    "requests only")
+            return "sampled requests draft synchronously: drafting ahead is built for greedy requests only"
         if getattr(proposer, "needs_target_hidden_states", False) or not hasattr(proposer, "speculate"):
             return ("the draft service hosts a feature draft, which drafts from the target's hidden states of "
                     "verified tokens and so cannot draft ahead of a verdict")

@@ -21,7 +21,7 @@ from specserve.core.async_plan import AheadPlanner
 from specserve.core.controller import CostPoint, CostProfile, CostTable
 from specserve.core.outcomes import Outcome, OutcomeRequest, Speculation, choose_outcomes
 from specserve.core.sampling import SamplingConfig
-from specserve.core.speculate import DecodeRequest, Proposal, decode
+from specserve.core.speculate import DecodeRequest, decode
 from specserve.launcher import Stack, StackConfig
 from specserve.loading import load_model
 from specserve.runtime.ahead import branch_op, speculate_op
@@ -304,22 +304,26 @@ TARGET_STEP_MS = 40  # simulated: every target forward pass sleeps this long, ev
 
 @pytest.fixture(scope="module")
 def sim_stack(tmp_path_factory):
-    """Simulated models (forward passes that sleep), two draft replicas, at most 2 sessions each."""
+    """Simulated models (forward passes that sleep): two target replicas of one session each, two
+    draft replicas of two."""
     config = StackConfig(
         target_model=f"sim:role=target,step_ms={TARGET_STEP_MS}",
         draft_model=f"sim:role=draft,step_ms={TARGET_STEP_MS * 0.3:g},accept=0.8", tokenizer="smollm2", dtype="float32",
-        port=0, redis="off", default_method="draft_model", threads=1, draft_replicas=2, async_draft="on",
-        log_dir=tmp_path_factory.mktemp("sim-ahead-logs"),
-        extra_env={"SPECSERVE_TARGET_MAX_SESSIONS": "2", "SPECSERVE_DRAFT_MAX_SESSIONS": "2"},
+        port=0, redis="off", default_method="draft_model", threads=1, target_replicas=2, draft_replicas=2,
+        async_draft="on", log_dir=tmp_path_factory.mktemp("sim-ahead-logs"),
+        extra_env={"SPECSERVE_TARGET_MAX_SESSIONS": "1", "SPECSERVE_DRAFT_MAX_SESSIONS": "2"},
     )
     with Stack(config) as stack:
         yield stack
 
 
+IDLE = [0, 0, 0, 0]  # no session on either target replica or either draft replica
+
+
 def sessions(stack) -> list[int]:
-    """Active sessions on the target, then on each draft replica."""
+    """Active sessions on each target replica, then on each draft replica."""
     counts = []
-    for address, stub_class in [(stack.target_address, target_pb2_grpc.TargetServiceStub),
+    for address, stub_class in [*[(a, target_pb2_grpc.TargetServiceStub) for a in stack.target_addresses],
                                 *[(a, draft_pb2_grpc.DraftServiceStub) for a in stack.draft_addresses]]:
         try:
             with grpc.insecure_channel(address) as channel:
@@ -343,9 +347,9 @@ def test_cancelling_with_ops_in_flight_frees_every_session(sim_stack):
         responses = [next(call) for _ in range(4)]
         # A step's tokens are streamed once the next step's verify (and its drafting ahead) went out.
         assert all(r.token_ids for r in responses)
-        assert sessions(sim_stack)[0] == 1
+        assert sum(sessions(sim_stack)[:2]) == 1
         call.cancel()
-    assert wait_idle(sim_stack) == [0, 0, 0]
+    assert wait_idle(sim_stack) == IDLE
 
 
 def test_a_deadline_with_ops_in_flight_ends_the_request_and_frees_its_sessions(sim_stack):
@@ -353,7 +357,7 @@ def test_a_deadline_with_ops_in_flight_ends_the_request_and_frees_its_sessions(s
     with channel, pytest.raises(grpc.RpcError) as caught:
         generate(stub, build_request(prompt="Hello", max_new_tokens=2000), timeout_s=1.0)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_idle(sim_stack) == [0, 0, 0]
+    assert wait_idle(sim_stack) == IDLE
 
 
 def streams(address: str, count: int, kill=None, max_new_tokens: int = 120) -> list:
@@ -379,12 +383,12 @@ def streams(address: str, count: int, kill=None, max_new_tokens: int = 120) -> l
 
 
 def test_requests_beyond_the_session_limits_wait_and_stay_exact(sim_stack):
-    # Four streams, two target sessions and four draft sessions at most: two wait for the target.
+    # Four streams, two target sessions (one per replica) and four draft sessions at most: two wait.
     results = streams(sim_stack.address, 4, max_new_tokens=40)
     expected = streams(sim_stack.address, 1, max_new_tokens=40)[0]
     assert results[0].token_ids == expected.token_ids  # the same prompt as the lone stream
     assert all(r.stats.async_draft and r.stats.generated_tokens == 40 for r in results)
-    assert wait_idle(sim_stack) == [0, 0, 0]
+    assert wait_idle(sim_stack) == IDLE
 
 
 def test_outcomes_drafted_ahead_match_the_verdicts_through_the_stack(sim_stack):
@@ -398,13 +402,16 @@ def test_outcomes_drafted_ahead_match_the_verdicts_through_the_stack(sim_stack):
     assert stats.outcome_hits >= 0.35 * (stats.target_forward_passes - 2)
 
 
-def test_a_draft_replica_killed_with_ops_in_flight_costs_nothing(sim_stack):
+def test_a_target_and_a_draft_replica_killed_with_ops_in_flight_cost_nothing(sim_stack):
+    """Two streams, one on each target and each draft replica (least loaded first); target-0 and
+    draft-0 are killed while verifies and drafting ahead are in flight."""
     fault_free = streams(sim_stack.address, 2)
-    results = streams(sim_stack.address, 2, kill=lambda: sim_stack.process("draft-0").send_signal(signal.SIGKILL))
+    victims = [sim_stack.process("target-0"), sim_stack.process("draft-0")]
+    results = streams(sim_stack.address, 2, kill=lambda: [v.send_signal(signal.SIGKILL) for v in victims])
     assert [r.token_ids for r in results] == [r.token_ids for r in fault_free]
-    assert sum(r.stats.failovers for r in results) >= 1  # placement put one stream on each replica
+    assert sum(r.stats.failovers for r in results) >= 2  # a target session and a draft session moved
     assert all(r.stats.async_draft for r in results)
-    assert wait_idle(sim_stack) == [0, 0, 0]
+    assert wait_idle(sim_stack) == IDLE
 
 
 @pytest.mark.slow

@@ -17,8 +17,8 @@ that replaces it). One op:
 
 Afterwards the session's sequence is the first outcome's and the others wait in
 `DraftWorker.branches` until the next op picks the one its sequence continues.
-Greedy sessions only: a sampled draft would consume its random stream on outcomes the
-verdict never takes, so sampled requests draft synchronously.
+Greedy sessions only: sampled requests draft synchronously (drafting ahead for them, each
+drafted token carrying the distribution it was drawn from, is not built).
 """
 
 from __future__ import annotations
