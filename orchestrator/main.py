@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 
-from orchestrator import requests
 from orchestrator.costs import round_trip_ms
 from orchestrator.metered import MeteredOrchestratorServicer
 from orchestrator.replicas import AdmissionQueue, ReplicaSet
@@ -14,6 +13,7 @@ from orchestrator.servicer import OrchestratorServicer, Upstreams
 from specserve.core.lookahead import LookaheadShape
 from specserve.core.ngram_pool import InMemoryNgramPool
 from specserve.core.tree import MAX_TREE_NODES, TreeShape
+from specserve.generation import requests
 from specserve.runtime.models import DEFAULT_MODEL, load_tokenizer
 from specserve.serving.grpc_server import run_server
 from specserve.serving.metrics import OrchestratorMetrics, serve_metrics
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
             tree_width=args.tree_width,
             tree_branch=args.tree_branch,
             speculation_control=args.speculation_control,
-            lookahead=parse_shape(args.lookahead),
+            lookahead=requests.parse_shape(args.lookahead),
             async_draft=args.async_draft,
             async_outcomes=args.async_outcomes,
         )
@@ -165,15 +165,6 @@ async def _serve(args: argparse.Namespace, tokenizer, limits: requests.Limits) -
 
 def _shape_text(shape: LookaheadShape) -> str:
     return f"{shape.window},{shape.ngram},{shape.guesses}"
-
-
-def parse_shape(text: str) -> LookaheadShape:
-    """'W,N,G' -> LookaheadShape (ValueError naming what is wrong)."""
-    parts = text.split(",")
-    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"lookahead: expected window,ngram,guesses as three integers, got {text!r}")
-    window, ngram, guesses = (int(p) for p in parts)
-    return LookaheadShape(window, ngram, guesses)
 
 
 def fingerprint(info, tokenizer) -> str:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import grpc
 
-from orchestrator import requests
 from orchestrator.costs import costs_of
 from orchestrator.failover import FailoverDraftProposer, FailoverTargetSession, SessionPolicy
 from orchestrator.replicas import AdmissionQueue, ReplicaSet
@@ -25,6 +24,7 @@ from specserve.core.ngram_pool import LOOKUP_KEY, NgramPool, lookup_fallback, re
 from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.speculate import DecodeRequest, Finish, decode
 from specserve.core.text import IncrementalDetokenizer, StopStringFilter
+from specserve.generation import requests
 from specserve.serving.grpc_server import status_on_error
 from specserve.v1 import common_pb2, model_service_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc
 

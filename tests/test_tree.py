@@ -383,7 +383,7 @@ def test_tree_settings_reach_the_stack_and_the_orchestrator(monkeypatch):
     import argparse
 
     from orchestrator.main import add_arguments
-    from orchestrator.requests import Limits
+    from specserve.generation.requests import Limits
     from specserve.cli import _stack_config, build_parser
 
     assert _stack_config(build_parser().parse_args(["up"])).tree_nodes == TreeShape().nodes

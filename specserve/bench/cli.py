@@ -192,9 +192,7 @@ def _main_phase(args, prompts, methods, modes, draft_model, out, notes, state, r
         draft = load_model(draft_model, _torch_dtype(args, draft_model, "draft")) if "draft_model" in methods else None
         tokenizer = load_tokenizer(args.target_model)
         if "in_process" in modes:
-            from orchestrator.requests import Limits
-
-            from orchestrator.main import parse_shape
+            from specserve.generation.requests import Limits, parse_shape
 
             shape = {"lookahead": parse_shape(args.lookahead)} if args.lookahead else {}
             limits = Limits(tree_nodes=args.tree_nodes, tree_width=args.tree_width, tree_branch=args.tree_branch, **shape)

@@ -16,10 +16,10 @@ from contextlib import contextmanager
 
 import torch
 
-from orchestrator.requests import tokenize
 from specserve.bench.prompts import BenchPrompt
 from specserve.bench.records import RunRecord
 from specserve.client import build_request
+from specserve.generation.requests import tokenize
 from specserve.runtime.models import LoadedModel
 
 PROMPT_LOOKUP_NUM_TOKENS = 10

@@ -1,7 +1,7 @@
 """One generation in this process: the core decode loop driving the models directly, no gRPC.
 
 It does what the orchestrator does for a request minus the network: the same
-tokenization (orchestrator.requests.tokenize, chat template), the same default K and
+tokenization (specserve.generation.requests.tokenize, chat template), the same default K and
 cost-aware speculation control, the same proposers, incremental detokenization of the
 output; so distributed / in-process is the cost of going over gRPC between processes.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-from orchestrator.requests import Limits, tokenize
 from specserve.bench.prompts import BenchPrompt
 from specserve.bench.records import RunRecord
 from specserve.client import build_request
@@ -21,6 +20,7 @@ from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.sampling import SamplingConfig
 from specserve.core.speculate import DecodeRequest, decode
 from specserve.core.text import IncrementalDetokenizer
+from specserve.generation.requests import Limits, tokenize
 from specserve.runtime.local import LocalTargetSession, local_draft_proposer
 from specserve.runtime.models import LoadedModel
 from specserve.runtime.profile import profile_for

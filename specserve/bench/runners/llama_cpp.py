@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import time
 
-from orchestrator.requests import tokenize
 from specserve.bench.prompts import BenchPrompt
 from specserve.bench.records import RunRecord
 from specserve.client import build_request
+from specserve.generation.requests import tokenize
 from specserve.runtime.models import gguf_file
 
 PROMPT_LOOKUP_NUM_TOKENS = 10

@@ -1,4 +1,4 @@
-"""Validating a GenerateRequest into a job; every error names the field at fault."""
+"""A Generate request validated into a job, within the server's limits; every error names the field at fault."""
 
 from __future__ import annotations
 
@@ -198,3 +198,12 @@ def _speculation(params, limits: Limits, has_draft: bool) -> tuple[int, int, boo
     if method in (pb.AUTOREGRESSIVE, pb.LOOKAHEAD):
         k = 0  # lookahead's step size is its shape (window, ngram, guesses)
     return method, k, params.fixed_length
+
+
+def parse_shape(text: str) -> LookaheadShape:
+    """'W,N,G' -> LookaheadShape (ValueError naming what is wrong)."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"lookahead: expected window,ngram,guesses as three integers, got {text!r}")
+    window, ngram, guesses = (int(p) for p in parts)
+    return LookaheadShape(window, ngram, guesses)
