@@ -9,7 +9,8 @@ import logging
 from orchestrator.costs import round_trip_ms
 from orchestrator.metered import MeteredOrchestratorServicer
 from orchestrator.replicas import AdmissionQueue, ReplicaSet
-from orchestrator.servicer import OrchestratorServicer, Upstreams
+from orchestrator.servicer import OrchestratorServicer
+from orchestrator.sessions import Upstreams
 from specserve.core.lookahead import LookaheadShape
 from specserve.core.ngram_pool import InMemoryNgramPool
 from specserve.core.tree import MAX_TREE_NODES, TreeShape

@@ -1,9 +1,10 @@
 """One generation in this process: the core decode loop driving the models directly, no gRPC.
 
 It does what the orchestrator does for a request minus the network: the same
-tokenization (specserve.generation.requests.tokenize, chat template), the same default K and
-cost-aware speculation control, the same proposers, incremental detokenization of the
-output; so distributed / in-process is the cost of going over gRPC between processes.
+tokenization (specserve.generation.requests.tokenize, chat template), and the same
+planner (specserve.generation.plan: default K, cost-aware speculation control, proposers,
+decoding loop), then incremental detokenization of the output; so distributed /
+in-process is the cost of going over gRPC between processes.
 """
 
 from __future__ import annotations
@@ -14,14 +15,12 @@ import time
 from specserve.bench.prompts import BenchPrompt
 from specserve.bench.records import RunRecord
 from specserve.client import build_request
-from specserve.core.controller import speculation_policy
-from specserve.core.lookahead_decode import decode_lookahead
-from specserve.core.proposers import PromptLookupProposer, WithLookupBranch
 from specserve.core.sampling import SamplingConfig
-from specserve.core.speculate import DecodeRequest, decode
 from specserve.core.text import IncrementalDetokenizer
-from specserve.generation.requests import Limits, tokenize
-from specserve.runtime.local import LocalTargetSession, local_draft_proposer
+from specserve.core.tree import TreeShape
+from specserve.generation.plan import Serving, plan
+from specserve.generation.requests import Job, Limits, tokenize
+from specserve.runtime.local import LocalDraftProposer, LocalFeatureDraftProposer, LocalTargetSession, local_draft_proposer
 from specserve.runtime.models import LoadedModel
 from specserve.runtime.profile import profile_for
 from specserve.v1 import orchestrator_pb2 as pb
@@ -68,46 +67,39 @@ class InProcessRunner:
             step_timings=[(s.wall_ms, s.compute_ms) for s in stats.steps or []],
         )
 
-    def _speculation(self, method: str, k: int):
-        drafted = method == "draft_model"
-        trees = drafted and self.draft.needs_target_hidden_states and self.limits.tree_nodes > 0
-        return speculation_policy(self.target_costs, self.draft_costs if drafted else None, k=k,
-                                  k_max=self.limits.max_speculative_tokens, fixed=False,
-                                  tree_nodes=self.limits.tree_nodes if trees else 0, tree_width=self.limits.tree_width)
+    def job(self, prompt_ids: list[int], method: str, max_new_tokens: int) -> Job:
+        """The job the orchestrator would make of a greedy request for `method` that sets nothing else."""
+        method_id = METHOD_ENUM[method]
+        return Job(prompt_ids, SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens), seed=0, method=method_id,
+                   k=self.limits.default_k.get(method_id, 0), fixed_length=False, tree_nodes=self.limits.tree_nodes,
+                   lookahead=self.limits.lookahead if method_id == pb.LOOKAHEAD else None)
+
+    def serving(self) -> Serving:
+        """The models in this process; no shared n-gram pool (the stack runs without Redis too)."""
+        return Serving(
+            open_target=lambda: LocalTargetSession(self.target),
+            open_draft=self._open_draft,
+            eos_token_ids=self.target.eos_token_ids,
+            max_context_tokens=self.target.max_context_tokens,
+            target_costs=self.target_costs,
+            draft_costs=self.draft_costs,
+            draft_needs_target_hidden_states=self.draft is not None and self.draft.needs_target_hidden_states,
+        )
+
+    def _open_draft(self, tree: TreeShape | None) -> LocalDraftProposer | LocalFeatureDraftProposer:
+        if self.draft is None:
+            raise ValueError("draft_model needs a draft model")
+        return local_draft_proposer(self.draft, tree)
 
     async def decode_ids(self, prompt_ids: list[int], method: str, max_new_tokens: int, step_timings: bool):
         """(generated token ids, DecodeStats) for one greedy request, as the orchestrator would run it."""
-        k = self.limits.default_k.get(METHOD_ENUM[method], 0)
-        proposer = None
-        if method == "prompt_lookup":
-            proposer = PromptLookupProposer()  # no shared pool: the stack runs without Redis too
-        elif method == "draft_model":
-            if self.draft is None:
-                raise ValueError("draft_model needs a draft model")
-            # A feature draft's variant when it is one, drafting trees as the orchestrator's would.
-            proposer = local_draft_proposer(self.draft, self.limits.tree_shape(self.limits.tree_nodes))
-            if self.draft.needs_target_hidden_states:
-                proposer = WithLookupBranch(proposer)
-        request = DecodeRequest(
-            prompt=prompt_ids,
-            sampling=SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens),
-            seed=0,
-            eos_token_ids=self.target.eos_token_ids,
-            max_context_tokens=self.target.max_context_tokens,
-            speculation=self._speculation(method, k) if k else None,
-        )
-        if step_timings:
-            request.stats.steps = []
+        run = plan(self.job(prompt_ids, method, max_new_tokens), self.limits, self.serving(), step_timings)
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids) if self.tokenizer is not None else None
         generated: list[int] = []
-        if method == "lookahead":  # no shared pool, as with prompt lookup
-            steps = decode_lookahead(LocalTargetSession(self.target), request, self.limits.lookahead)
-        else:
-            steps = decode(LocalTargetSession(self.target), proposer, request)
-        async for chunk in steps:
+        async for chunk in run.steps:
             generated.extend(chunk.tokens)
             if detokenizer is not None:
                 detokenizer.push(chunk.tokens)
         if detokenizer is not None:
             detokenizer.flush()
-        return generated, request.stats
+        return generated, run.decoding.stats
